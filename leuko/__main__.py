@@ -1,0 +1,7 @@
+"""Entry point for ``python -m leuko``."""
+
+import sys
+
+from leuko.cli import main
+
+sys.exit(main())

@@ -1,0 +1,207 @@
+"""The command line: ``python -m leuko {train,evaluate,predict,models}``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from leuko.config import OPTIMIZERS, TrainConfig
+from leuko.images import ImageError, find_images, load_image
+from leuko.tasks import TASKS
+
+
+def _train(args: argparse.Namespace) -> int:
+    from leuko.modelstore import ModelStore
+    from leuko.paths import SHIPPED_MODELS
+    from leuko.pipeline import train_and_register
+    from leuko.progress import TerminalProgress
+    from leuko.evaluate import format_metrics
+
+    base = TrainConfig.from_yaml(args.config) if args.config else TrainConfig(task=args.task or "")
+    config = base.with_overrides(
+        task=args.task, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        optimizer=args.optimizer, data_root=args.data, folder=args.folder, input_size=args.input_size,
+        limit_train=args.limit_train, max_steps_per_epoch=args.max_steps, model_id=args.model_id,
+        device=args.device, pretrained=args.pretrained, seed=args.seed, out_dir=args.out_dir,
+        num_workers=args.workers, resume=True if args.resume else None)
+    if config.task not in TASKS:
+        print(f"error: give --task ({', '.join(TASKS)}) or a config file with a task", file=sys.stderr)
+        return 2
+    folder = SHIPPED_MODELS if args.ship else None
+    progress = TerminalProgress()
+    card = train_and_register(config, callbacks=[progress], folder=folder, make_default=args.default)
+    print(f"\nregistered model {card.id} ({card.training_time_s / 60:.1f} min training, "
+          f"temperature {card.temperature:.3f})")
+    print("test split:")
+    print(format_metrics(card.metrics["test"]))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from leuko.data import read_folder, read_manifest
+    from leuko.evaluate import evaluate, format_metrics, write_report
+    from leuko.modelstore import ModelStore
+    from leuko.paths import default_data_root
+    from leuko.tasks import get_task
+
+    loaded = ModelStore().load(args.model, args.task)
+    task = get_task(loaded.card.task)
+    if args.folder:
+        samples = read_folder(Path(args.folder), task, "all")
+    else:
+        manifest = Path(args.data or default_data_root()) / "manifest.csv"
+        samples = read_manifest(manifest, task, args.split, args.datasets)
+    report = evaluate(loaded, samples, args.device)
+    print(f"model {loaded.card.id} on {args.folder or args.split} ({len(samples)} images)")
+    print(format_metrics(report["metrics"]))
+    if args.out:
+        written = write_report(report, Path(args.out))
+        print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from leuko.predict import Predictor
+
+    predictor = Predictor(args.model, task=args.task, device=args.device, tta=args.tta)
+    paths = find_images(args.paths)
+    handle = open(args.csv, "w", newline="") if args.csv else sys.stdout
+    written = 0
+    try:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in predictor.classes)])
+        batch: list[tuple[Path, object]] = []
+
+        def flush() -> None:
+            nonlocal written
+            if not batch:
+                return
+            for (path, _), result in zip(batch, predictor.predict([image for _, image in batch])):
+                writer.writerow([str(path), result.label, f"{result.confidence:.6f}",
+                                 *(f"{p:.6f}" for p in result.probabilities)])
+                written += 1
+            batch.clear()
+
+        for path in paths:
+            try:
+                batch.append((path, load_image(path)))
+            except ImageError as exc:
+                print(f"skipped {exc}", file=sys.stderr)
+            if len(batch) >= 32:
+                flush()
+        flush()
+    finally:
+        if args.csv:
+            handle.close()
+    if not paths:
+        print("error: no image files found in the given paths", file=sys.stderr)
+    return 0 if written else 1
+
+
+def _models(args: argparse.Namespace) -> int:
+    from leuko.modelstore import ModelIntegrityError, ModelStore
+
+    store = ModelStore()
+    if args.set_default:
+        card, _ = store.locate(args.set_default)
+        store.set_default(card.task, card.id)
+        print(f"{card.id} is now the default for {card.task}")
+        return 0
+    cards = store.cards(args.task)
+    if args.json:
+        print(json.dumps([c.__dict__ for c in cards], indent=2))
+        return 0
+    if not cards:
+        print("no models installed" + (f" for {args.task}" if args.task else ""))
+        return 0
+    defaults = {}
+    for task in {c.task for c in cards}:
+        defaults[task] = store.default_id(task)
+    print(f"{'id':<44}{'task':<14}{'arch':<22}{'test acc':>9}{'T':>7}  status")
+    failures = 0
+    for card in cards:
+        test = card.metrics.get("test", {})
+        try:
+            store.verify(card.id)
+            status = "ok"
+        except ModelIntegrityError as exc:
+            status, failures = f"BROKEN: {exc}", failures + 1
+        mark = " (default)" if defaults.get(card.task) == card.id else ""
+        accuracy = f"{test['accuracy']:.3f}" if "accuracy" in test else "-"
+        print(f"{card.id:<44}{card.task:<14}{card.arch:<22}{accuracy:>9}{card.temperature:>7.2f}  {status}{mark}")
+    return 1 if failures and args.check else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m leuko",
+                                     description="Leuko: acute leukemia screening from blood smear images")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tasks = sorted(TASKS)
+
+    train = sub.add_parser("train", help="train, calibrate, evaluate and register a model")
+    train.add_argument("--config", type=Path, help="YAML training configuration")
+    train.add_argument("--task", choices=tasks)
+    train.add_argument("--arch", help="registered architecture (see leuko.nets.ARCHITECTURES)")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--optimizer", choices=OPTIMIZERS)
+    train.add_argument("--input-size", type=int, help="input side in pixels")
+    train.add_argument("--data", help="folder holding manifest.csv (default ../shared/data)")
+    train.add_argument("--folder", help="folder of class sub-folders instead of a manifest")
+    train.add_argument("--limit-train", type=int, help="at most this many training images per class")
+    train.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
+    train.add_argument("--model-id")
+    train.add_argument("--pretrained", help="auto, none, offline, hub or a checkpoint path")
+    train.add_argument("--device", help="auto, cpu or cuda")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--workers", type=int, help="data-loading processes")
+    train.add_argument("--out-dir", help="folder for run checkpoints (default runs/)")
+    train.add_argument("--resume", action="store_true", help="continue the run's last checkpoint")
+    train.add_argument("--ship", action="store_true", help="register into the repository's models/")
+    train.add_argument("--default", action="store_true", help="mark as the task's default model")
+    train.set_defaults(handler=_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a model on a manifest split or a folder")
+    evaluate.add_argument("--model", help="model id (default: the task's default model)")
+    evaluate.add_argument("--task", choices=tasks)
+    evaluate.add_argument("--split", default="test", help="manifest split (train, val, test, external)")
+    evaluate.add_argument("--datasets", nargs="+", help="only these manifest datasets")
+    evaluate.add_argument("--data", help="folder holding manifest.csv")
+    evaluate.add_argument("--folder", help="folder of class sub-folders instead of the manifest")
+    evaluate.add_argument("--out", help="folder for metrics.json and plots")
+    evaluate.add_argument("--device")
+    evaluate.set_defaults(handler=_evaluate)
+
+    predict = sub.add_parser("predict", help="classify images; CSV to a file or standard output")
+    predict.add_argument("--task", required=True, choices=tasks)
+    predict.add_argument("--model", help="model id (default: the task's default model)")
+    predict.add_argument("--csv", help="output CSV file (default: standard output)")
+    predict.add_argument("--tta", action="store_true", help="average over 8 rotations/flips")
+    predict.add_argument("--device")
+    predict.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    predict.set_defaults(handler=_predict)
+
+    models = sub.add_parser("models", help="list installed models and check their integrity")
+    models.add_argument("--task", choices=tasks)
+    models.add_argument("--json", action="store_true")
+    models.add_argument("--check", action="store_true", help="exit 1 when any model fails its check")
+    models.add_argument("--set-default", metavar="ID", help="make this model its task's default")
+    models.set_defaults(handler=_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from leuko.device import DeviceError
+    from leuko.modelstore import ModelIntegrityError, ModelNotFoundError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ModelNotFoundError, ModelIntegrityError, DeviceError, FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,91 @@
+"""Training configuration as a dataclass, loadable from YAML and saved in each model card."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from leuko.preprocess import PreprocessConfig
+
+OPTIMIZERS = ("adam", "adamax", "rmsprop", "adamw")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``None`` fields fall back to the architecture's registered recipe.
+
+    Data comes from ``manifest`` (a CSV, relative to ``data_root``) or, when ``folder`` is
+    set, from a folder of class sub-folders. ``limit_train`` caps the training images per
+    class (for quick runs); ``max_steps_per_epoch`` caps optimiser steps per epoch.
+    ``freeze_epochs`` trains the head alone first (phase one), then everything with the
+    learning rate times ``finetune_lr_factor`` (phase two).
+    """
+
+    task: str
+    arch: str = "efficientnet_lite0"
+    model_id: str | None = None
+    data_root: str | None = None
+    manifest: str = "manifest.csv"
+    folder: str | None = None
+    datasets: list[str] | None = None
+    input_size: int | None = None
+    pretrained: str | None = "auto"
+    preprocess: PreprocessConfig | None = None
+    augment: bool = True
+    balanced_sampling: bool = False
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    eps: float | None = None
+    freeze_epochs: int | None = None
+    finetune_lr_factor: float = 0.1
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+    early_stopping_patience: int = 10
+    label_smoothing: float = 0.0
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    num_workers: int = 2
+    device: str | None = None
+    limit_train: int | None = None
+    max_steps_per_epoch: int | None = None
+    out_dir: str = "runs"
+    resume: bool = False
+    half_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.preprocess, dict):
+            self.preprocess = PreprocessConfig(**self.preprocess)
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> "TrainConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+        return cls.from_dict(data)
+
+    def with_overrides(self, **overrides) -> "TrainConfig":
+        """A copy with the non-``None`` overrides applied (command-line flags over a file)."""
+        data = self.to_dict()
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return TrainConfig.from_dict(data)

@@ -1,0 +1,219 @@
+"""Datasets from a manifest CSV or a folder of class sub-folders, and smear-cell transforms.
+
+Manifest CSV columns (as ``../shared/data/manifest.csv``): ``path`` (relative to the
+manifest's folder), ``mask``, ``dataset``, ``task``, ``label``, ``split``. Its fixed splits
+are used as they are, so every figure the project reports is comparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, WeightedRandomSampler
+from torchvision.transforms import v2
+
+from leuko.images import IMAGE_SUFFIXES, load_image
+from leuko.preprocess import PreprocessConfig, apply_preprocessing
+from leuko.tasks import Task
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class InputConfig:
+    """How an image becomes the network's input tensor; saved in each model card.
+
+    ``input_size`` is the square side in pixels; ``mean``/``std`` per RGB channel on the
+    0-1 scale; ``interpolation`` is ``bilinear`` or ``bicubic``.
+    """
+
+    input_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InputConfig":
+        values = dict(data)
+        values["preprocess"] = PreprocessConfig(**values.get("preprocess", {}))
+        values["mean"] = tuple(values.get("mean", cls.mean))
+        values["std"] = tuple(values.get("std", cls.std))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image: absolute path, class index and the dataset it came from."""
+
+    path: Path
+    label: int
+    dataset: str = ""
+    mask: Path | None = None
+
+
+class SmearPreprocess:
+    """Applies the configured classical preprocessing (Wiener, DHE/CLAHE) to a PIL image."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.config = config
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if self.config.is_identity:
+            return image
+        return Image.fromarray(apply_preprocessing(np.asarray(image), self.config))
+
+
+class RandomRotationReflect:
+    """Rotation by any angle with mirrored borders, so a rotated crop shows smear background
+    in its corners instead of black wedges the network could learn from."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        array = np.asarray(image)
+        height, width = array.shape[:2]
+        matrix = cv2.getRotationMatrix2D((width / 2.0, height / 2.0), random.uniform(0.0, 360.0), 1.0)
+        rotated = cv2.warpAffine(array, matrix, (width, height), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_REFLECT_101)
+        return Image.fromarray(rotated)
+
+
+def _interpolation(name: str) -> v2.InterpolationMode:
+    return {"bicubic": v2.InterpolationMode.BICUBIC,
+            "bilinear": v2.InterpolationMode.BILINEAR}[name]
+
+
+def build_transform(config: InputConfig, train: bool) -> v2.Compose:
+    """PIL RGB image -> normalised float tensor (3, S, S).
+
+    Training adds augmentations suited to smear cells, which have no canonical orientation:
+    any rotation, both flips, scale 0.7-1.0 of the area, and mild colour jitter standing in
+    for stain and illumination differences between labs.
+    """
+    size, mode = config.input_size, _interpolation(config.interpolation)
+    steps: list = [SmearPreprocess(config.preprocess)]
+    if train:
+        steps += [
+            RandomRotationReflect(),
+            v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1), interpolation=mode,
+                                 antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=0.02),
+        ]
+    else:
+        steps.append(v2.Resize((size, size), interpolation=mode, antialias=True))
+    steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+              v2.Normalize(list(config.mean), list(config.std))]
+    return v2.Compose(steps)
+
+
+class ImageDataset(Dataset):
+    """Labelled images read through :func:`leuko.images.load_image` and a transform."""
+
+    def __init__(self, samples: Sequence[Sample], transform=None) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        image = load_image(sample.path)
+        return (self.transform(image) if self.transform else image), sample.label
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+
+def read_manifest(manifest: Path, task: Task, split: str,
+                  datasets: Sequence[str] | None = None) -> list[Sample]:
+    """Samples of one task and split from a manifest CSV, optionally only some datasets.
+
+    Raises ``ValueError`` when the manifest lacks a column or holds a label the task does
+    not know, and when the selection is empty.
+    """
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    missing = {"path", "task", "label", "split"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{manifest}: missing column(s) {', '.join(sorted(missing))}")
+    rows = table[(table["task"] == task.id) & (table["split"] == split)]
+    if datasets:
+        rows = rows[rows["dataset"].isin(list(datasets))]
+    unknown = set(rows["label"]) - set(task.class_ids)
+    if unknown:
+        raise ValueError(f"{manifest}: labels {sorted(unknown)} are not classes of {task.id}")
+    if rows.empty:
+        raise ValueError(f"{manifest}: no rows for task {task.id!r}, split {split!r}"
+                         + (f", datasets {list(datasets)}" if datasets else ""))
+    root = manifest.parent
+    return [Sample(root / row.path, task.index_of(row.label), getattr(row, "dataset", ""),
+                   root / row.mask if getattr(row, "mask", "") else None)
+            for row in rows.itertuples(index=False)]
+
+
+def read_folder(folder: Path, task: Task, split: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+                ) -> list[Sample]:
+    """Samples from a folder of class sub-folders named by class id.
+
+    If ``folder`` has ``train``/``val``/``test`` sub-folders they are the splits; otherwise
+    each class is cut in sorted-file-name order into contiguous blocks by ``fractions``, so
+    neighbouring (often same-patient) images stay in one split.
+    """
+    if split in SPLITS and (folder / split).is_dir():
+        folder, fractions, split = folder / split, (1.0, 0.0, 0.0), "train"
+    class_dirs = {d.name: d for d in folder.iterdir() if d.is_dir()} if folder.is_dir() else {}
+    unknown = set(class_dirs) - set(task.class_ids)
+    if unknown:
+        raise ValueError(f"{folder}: sub-folders {sorted(unknown)} are not classes of {task.id} "
+                         f"({', '.join(task.class_ids)})")
+    samples: list[Sample] = []
+    for class_id, directory in sorted(class_dirs.items()):
+        files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        n_train = math.floor(len(files) * fractions[0])
+        n_val = math.floor(len(files) * fractions[1])
+        bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
+                  "test": (n_train + n_val, len(files)), "all": (0, len(files))}[split]
+        samples += [Sample(p, task.index_of(class_id), folder.name) for p in files[slice(*bounds)]]
+    if not samples:
+        raise ValueError(f"{folder}: no images for split {split!r}; expected sub-folders named "
+                         f"{', '.join(task.class_ids)}")
+    return samples
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def class_counts(samples: Sequence[Sample], task: Task) -> dict[str, int]:
+    counts = Counter(s.label for s in samples)
+    return {c: counts.get(i, 0) for i, c in enumerate(task.class_ids)}
+
+
+def balanced_sampler(labels: Sequence[int], seed: int = 0) -> WeightedRandomSampler:
+    """Sampler drawing each class equally often (weights 1/class count), with replacement."""
+    counts = Counter(labels)
+    weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.double)
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True,
+                                 generator=generator)

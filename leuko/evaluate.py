@@ -1,0 +1,119 @@
+"""Evaluating a model on a labelled split or folder: metrics, curves, JSON and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from leuko.calibration import calibrated_probabilities
+from leuko.data import ImageDataset, Sample, build_transform
+from leuko.device import pick_device
+from leuko.metrics import classification_metrics, reliability_curve, roc_pr_curves
+from leuko.modelstore import LoadedModel
+from leuko.tasks import get_task
+from leuko.train import collect_logits
+
+
+def model_logits(loaded: LoadedModel, samples: Sequence[Sample], device: str | None = None,
+                 batch_size: int = 32, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Uncalibrated logits (N, K) and labels (N,) of a loaded model over samples."""
+    target = pick_device(device)
+    dataset = ImageDataset(samples, build_transform(loaded.card.input_config, train=False))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    return collect_logits(loaded.network.to(target), loader, target)
+
+
+def metrics_from_logits(logits: np.ndarray, labels: np.ndarray, task_id: str, temperature: float) -> dict:
+    """All metrics of :func:`leuko.metrics.classification_metrics` on calibrated probabilities."""
+    task = get_task(task_id)
+    probs = calibrated_probabilities(logits, temperature)
+    return classification_metrics(labels, probs, task.class_ids, task.positive_index)
+
+
+def evaluate(loaded: LoadedModel, samples: Sequence[Sample], device: str | None = None) -> dict:
+    """Metrics, ROC/PR curves and reliability data of a model on labelled samples."""
+    logits, labels = model_logits(loaded, samples, device)
+    task = get_task(loaded.card.task)
+    probs = calibrated_probabilities(logits, loaded.card.temperature)
+    return {"model": loaded.card.id, "task": task.id,
+            "metrics": classification_metrics(labels, probs, task.class_ids, task.positive_index),
+            "curves": roc_pr_curves(labels, probs, task.class_ids),
+            "reliability": reliability_curve(labels, probs)}
+
+
+HEADLINE = ("n", "accuracy", "balanced_accuracy", "f1_macro", "mcc", "roc_auc", "sensitivity",
+            "specificity", "sensitivity_macro", "specificity_macro", "ece", "log_loss")
+
+
+def format_metrics(metrics: dict) -> str:
+    """A plain-text table: headline figures, then per-class precision/sensitivity/specificity/F1."""
+    lines = [f"{key:<20} {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"{key:<20} {metrics[key]}"
+             for key in HEADLINE if key in metrics and metrics[key] is not None]
+    lines.append("")
+    lines.append(f"{'class':<14}{'precision':>10}{'sensitivity':>12}{'specificity':>12}{'f1':>8}{'n':>6}")
+    for name, row in metrics["per_class"].items():
+        lines.append(f"{name:<14}{row['precision']:>10.3f}{row['sensitivity']:>12.3f}"
+                     f"{row['specificity']:>12.3f}{row['f1']:>8.3f}{row['support']:>6d}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: Path) -> list[Path]:
+    """Write ``metrics.json`` and PNG plots (confusion matrix, ROC, PR, reliability)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "metrics.json"]
+    written[0].write_text(json.dumps(report, indent=2))
+    metrics = report["metrics"]
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    matrix = np.array(metrics["confusion_matrix"])
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(metrics["classes"])), metrics["classes"], rotation=45, ha="right")
+    ax.set_yticks(range(len(metrics["classes"])), metrics["classes"])
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center",
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{report['model']}: confusion matrix", fontsize=9)
+    fig.tight_layout()
+    written.append(out_dir / "confusion_matrix.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    for kind, x, y, xlabel, ylabel, score in (("roc", "fpr", "tpr", "1 - specificity", "sensitivity", "auc"),
+                                              ("pr", "recall", "precision", "sensitivity", "precision", "ap")):
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        for name, curve in report["curves"].items():
+            ax.plot(curve[x], curve[y], label=f"{name} ({score.upper()} {curve[score]:.3f})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        ax.set_title(f"{report['model']}: {kind.upper()}", fontsize=9)
+        fig.tight_layout()
+        written.append(out_dir / f"{kind}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    rel = report["reliability"]
+    points = [(c, a) for c, a in zip(rel["confidence"], rel["accuracy"]) if not math.isnan(c)]
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    if points:
+        ax.plot(*zip(*points), "o-")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {metrics['ece']:.3f})", fontsize=9)
+    fig.tight_layout()
+    written.append(out_dir / "reliability.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written

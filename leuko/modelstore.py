@@ -1,0 +1,237 @@
+"""The model store: weights in safetensors plus a JSON model card, listing, loading by id,
+a default model per task, and an integrity check.
+
+A model is two files in a store folder: ``<id>.safetensors`` and ``<id>.json``. Stores are
+searched in order: the user's ``$LEUKO_HOME/models`` (trained here), then the repository's
+``models/`` (shipped). Weights are never pickles, and a weights file whose sha256 differs
+from its card is refused before any tensor is read into a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from leuko import __version__
+from leuko.data import InputConfig, file_sha256
+from leuko.nets import LeukoNet, build_model
+from leuko.paths import SHIPPED_MODELS, user_models_dir
+from leuko.tasks import get_task
+
+MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+DEFAULTS_FILE = "defaults.json"
+
+
+class ModelNotFoundError(LookupError):
+    """No model with the requested id (or no model at all for a task)."""
+
+
+class ModelIntegrityError(RuntimeError):
+    """A model's files are missing, truncated, tampered with or inconsistent with its card."""
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild, trust and judge a model. Serialised as JSON.
+
+    ``temperature`` is the calibration temperature fitted on the validation split;
+    ``metrics`` holds ``{"val": {...}, "test": {...}}`` from :mod:`leuko.metrics`;
+    ``training_time_s`` is wall-clock seconds.
+    """
+
+    id: str
+    task: str
+    classes: list[str]
+    arch: str
+    input: dict
+    temperature: float = 1.0
+    arch_config: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    training_time_s: float | None = None
+    hardware: str = ""
+    weights_sha256: str = ""
+    weights_dtype: str = "float32"
+    pretrained_source: str = ""
+    created: str = ""
+    leuko_version: str = __version__
+    default: bool = False
+    intended_use: str = ("Decision support for trained laboratory staff reviewing peripheral blood "
+                         "smear images; every result must be confirmed by a qualified person.")
+    limitations: str = ("Trained on public single-centre image sets; accuracy on other microscopes, "
+                        "stains and cameras is lower and must be checked locally. Not a diagnosis.")
+
+    @property
+    def input_config(self) -> InputConfig:
+        return InputConfig.from_dict(self.input)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, allow_nan=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelCard":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory with its card and the folder it was loaded from."""
+
+    card: ModelCard
+    network: LeukoNet
+    folder: Path
+
+
+def hardware_description() -> str:
+    """CPU model and core count, and the GPU when CUDA is available, for the model card."""
+    cpu = platform.processor() or platform.machine()
+    text = f"{cpu}, {os.cpu_count()} CPU cores"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class ModelStore:
+    """Models across one or more store folders; the first folder is where new models go."""
+
+    def __init__(self, folders: list[Path] | None = None) -> None:
+        self.folders = [Path(f) for f in (folders or [user_models_dir(), SHIPPED_MODELS])]
+
+    def cards(self, task: str | None = None) -> list[ModelCard]:
+        """All readable cards (first store wins on duplicate ids), newest first."""
+        seen: dict[str, ModelCard] = {}
+        for folder in self.folders:
+            for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+                if path.name == DEFAULTS_FILE:
+                    continue
+                try:
+                    card = ModelCard.from_dict(json.loads(path.read_text()))
+                except (ValueError, TypeError):
+                    continue
+                if card.id == path.stem and card.id not in seen:
+                    seen[card.id] = card
+        found = [c for c in seen.values() if task is None or c.task == task]
+        return sorted(found, key=lambda c: c.created, reverse=True)
+
+    def locate(self, model_id: str) -> tuple[ModelCard, Path]:
+        """The card and folder of ``model_id``; raises :class:`ModelNotFoundError`."""
+        for folder in self.folders:
+            path = folder / f"{model_id}.json"
+            if path.is_file():
+                try:
+                    return ModelCard.from_dict(json.loads(path.read_text())), folder
+                except (ValueError, TypeError) as exc:
+                    raise ModelIntegrityError(f"model card {path} is unreadable: {exc}") from exc
+        known = ", ".join(c.id for c in self.cards()) or "none"
+        raise ModelNotFoundError(f"no model {model_id!r} in {', '.join(map(str, self.folders))}; "
+                                 f"available: {known}")
+
+    def default_id(self, task: str) -> str:
+        """The default model of a task: the user's choice (``defaults.json`` in the first store),
+        else a card marked default, else the newest model of the task."""
+        get_task(task)
+        choice_file = self.folders[0] / DEFAULTS_FILE
+        if choice_file.is_file():
+            try:
+                chosen = json.loads(choice_file.read_text()).get(task)
+            except ValueError:
+                chosen = None
+            if chosen and any(c.id == chosen for c in self.cards(task)):
+                return chosen
+        cards = self.cards(task)
+        if not cards:
+            raise ModelNotFoundError(f"no model for task {task!r} is installed; train one with "
+                                     f"`python -m leuko train --task {task}`")
+        marked = [c for c in cards if c.default]
+        return (marked or cards)[0].id
+
+    def set_default(self, task: str, model_id: str) -> None:
+        """Make ``model_id`` the default for ``task`` in the first (user) store."""
+        card, _ = self.locate(model_id)
+        if card.task != task:
+            raise ValueError(f"model {model_id!r} is for task {card.task!r}, not {task!r}")
+        choice_file = self.folders[0] / DEFAULTS_FILE
+        choices = json.loads(choice_file.read_text()) if choice_file.is_file() else {}
+        choices[task] = model_id
+        _atomic_write(choice_file, lambda p: p.write_text(json.dumps(choices, indent=2)))
+
+    def save(self, network: LeukoNet, card: ModelCard, half: bool = False,
+             folder: Path | None = None) -> Path:
+        """Write weights (fp16 when ``half``) and card; fills in sha256, dtype and date.
+
+        Returns the card path. The weights are written first and the card last, each
+        atomically, so a card never points at missing or partial weights.
+        """
+        if not MODEL_ID_PATTERN.match(card.id):
+            raise ValueError(f"model id {card.id!r} must be letters, digits, '.', '_' or '-'")
+        folder = Path(folder or self.folders[0])
+        state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+                 for k, v in network.state_dict().items()}
+        weights = folder / f"{card.id}.safetensors"
+        _atomic_write(weights, lambda p: save_file(state, str(p), metadata={"id": card.id}))
+        card.weights_sha256 = file_sha256(weights)
+        card.weights_dtype = "float16" if half else "float32"
+        card.created = card.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        card_path = folder / f"{card.id}.json"
+        _atomic_write(card_path, lambda p: p.write_text(card.to_json()))
+        return card_path
+
+    def verify(self, model_id: str) -> ModelCard:
+        """Check the weights file exists and its sha256 matches the card; returns the card."""
+        card, folder = self.locate(model_id)
+        weights = folder / f"{model_id}.safetensors"
+        if not weights.is_file():
+            raise ModelIntegrityError(f"weights file {weights} is missing")
+        actual = file_sha256(weights)
+        if actual != card.weights_sha256:
+            raise ModelIntegrityError(
+                f"weights file {weights} does not match its card (sha256 {actual[:12]}... "
+                f"instead of {card.weights_sha256[:12]}...): it was changed or damaged; "
+                "refusing to load it")
+        return card
+
+    def load(self, model_id: str | None = None, task: str | None = None) -> LoadedModel:
+        """Verify and load a model by id (or the task's default) onto the CPU, in eval mode."""
+        if model_id is None:
+            if task is None:
+                raise ValueError("give a model id or a task")
+            model_id = self.default_id(task)
+        card = self.verify(model_id)
+        _, folder = self.locate(model_id)
+        try:
+            state = load_file(str(folder / f"{model_id}.safetensors"))
+        except (SafetensorError, OSError) as exc:
+            raise ModelIntegrityError(f"weights of {model_id!r} are unreadable: {exc}") from exc
+        network = build_model(card.arch, len(card.classes), pretrained=None)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ModelIntegrityError(f"weights of {model_id!r} do not fit architecture "
+                                      f"{card.arch!r}: {exc}") from exc
+        network.pretrained_source = card.pretrained_source
+        return LoadedModel(card, network.eval(), folder)

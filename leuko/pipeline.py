@@ -1,0 +1,60 @@
+"""Train, calibrate, evaluate and register a model in one call (what ``leuko train`` runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+from leuko.calibration import fit_temperature, negative_log_likelihood
+from leuko.config import TrainConfig
+from leuko.data import class_counts, file_sha256
+from leuko.evaluate import metrics_from_logits, model_logits
+from leuko.modelstore import LoadedModel, ModelCard, ModelStore, hardware_description
+from leuko.progress import Callback, ProgressEvent
+from leuko.tasks import get_task
+from leuko.train import load_split, train_model
+
+
+def train_and_register(config: TrainConfig, store: ModelStore | None = None,
+                       callbacks: Iterable[Callback] = (), folder: Path | None = None,
+                       make_default: bool = False,
+                       should_stop: Callable[[], bool] | None = None) -> ModelCard:
+    """Train, fit the temperature on ``val``, evaluate once on ``test`` and save the model.
+
+    Returns the saved card, whose ``metrics`` hold the validation and test figures.
+    """
+    store = store or ModelStore()
+    callbacks = list(callbacks)
+    result = train_model(config, callbacks, should_stop)
+    config = result.config
+    if config.half_weights:
+        result.network.load_state_dict({k: v.half().float() if v.is_floating_point() else v
+                                        for k, v in result.network.state_dict().items()})
+    task = get_task(config.task)
+    card = ModelCard(id=config.model_id, task=task.id, classes=task.class_ids, arch=config.arch,
+                     input=result.input_config.to_dict(), training=config.to_dict(),
+                     training_time_s=round(result.elapsed_s, 1), hardware=hardware_description(),
+                     pretrained_source=result.network.pretrained_source, default=make_default)
+    card.training["history"] = result.history
+    card.training["best_epoch"] = result.best_epoch
+    loaded = LoadedModel(card, result.network.eval(), Path("."))
+    splits = {split: load_split(config, task, split) for split in ("train", "val", "test")}
+    for listener in callbacks:
+        listener(ProgressEvent("message", message="calibrating on val and evaluating on test"))
+    val_logits, val_labels = model_logits(loaded, splits["val"], config.device)
+    card.temperature = fit_temperature(val_logits, val_labels)
+    test_logits, test_labels = model_logits(loaded, splits["test"], config.device)
+    card.metrics = {
+        "val": metrics_from_logits(val_logits, val_labels, task.id, card.temperature),
+        "test": metrics_from_logits(test_logits, test_labels, task.id, card.temperature),
+        "val_nll_before_calibration": negative_log_likelihood(val_logits, val_labels),
+        "val_nll_after_calibration": negative_log_likelihood(val_logits, val_labels, card.temperature),
+    }
+    source = Path(config.folder) if config.folder else Path(config.data_root) / config.manifest
+    card.data = {"source": str(source),
+                 "manifest_sha256": file_sha256(source) if source.is_file() else None,
+                 "datasets": config.datasets,
+                 "split_sizes": {split: class_counts(samples, task) for split, samples in splits.items()},
+                 "train_images_used": min(len(splits["train"]), (config.limit_train or 10**9) * task.num_classes)}
+    store.save(result.network, card, half=config.half_weights, folder=folder)
+    return card
