@@ -15,11 +15,10 @@ from leuko.tasks import TASKS
 
 
 def _train(args: argparse.Namespace) -> int:
-    from leuko.modelstore import ModelStore
+    from leuko.evaluate import format_metrics
     from leuko.paths import SHIPPED_MODELS
     from leuko.pipeline import train_and_register
     from leuko.progress import TerminalProgress
-    from leuko.evaluate import format_metrics
 
     base = TrainConfig.from_yaml(args.config) if args.config else TrainConfig(task=args.task or "")
     config = base.with_overrides(
@@ -34,6 +33,8 @@ def _train(args: argparse.Namespace) -> int:
     folder = SHIPPED_MODELS if args.ship else None
     progress = TerminalProgress()
     card = train_and_register(config, callbacks=[progress], folder=folder, make_default=args.default)
+    if card is None:
+        return 0
     print(f"\nregistered model {card.id} ({card.training_time_s / 60:.1f} min training, "
           f"temperature {card.temperature:.3f})")
     print("test split:")

@@ -18,14 +18,17 @@ from leuko.train import load_split, train_model
 def train_and_register(config: TrainConfig, store: ModelStore | None = None,
                        callbacks: Iterable[Callback] = (), folder: Path | None = None,
                        make_default: bool = False,
-                       should_stop: Callable[[], bool] | None = None) -> ModelCard:
+                       should_stop: Callable[[], bool] | None = None) -> ModelCard | None:
     """Train, fit the temperature on ``val``, evaluate once on ``test`` and save the model.
 
-    Returns the saved card, whose ``metrics`` hold the validation and test figures.
+    Returns the saved card, whose ``metrics`` hold the validation and test figures; under
+    ``torchrun`` only rank 0 registers the model and the other ranks return ``None``.
     """
     store = store or ModelStore()
     callbacks = list(callbacks)
     result = train_model(config, callbacks, should_stop)
+    if result.rank != 0:
+        return None
     config = result.config
     if config.half_weights:
         result.network.load_state_dict({k: v.half().float() if v.is_floating_point() else v

@@ -50,6 +50,7 @@ class TrainResult:
     elapsed_s: float = 0.0
     stopped_early: bool = False
     run_dir: Path | None = None
+    rank: int = 0
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -240,7 +241,7 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
             optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
         return optimizer, scheduler
 
-    result = TrainResult(network=network, config=config, input_config=input_config, run_dir=run_dir)
+    result = TrainResult(network=network, config=config, input_config=input_config, run_dir=run_dir, rank=rank)
     start_epoch, stale_epochs, previous_elapsed = 1, 0, 0.0
     best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
     optimizer, scheduler = start_phase(phase_of(1))
@@ -331,6 +332,9 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
             break
     network.load_state_dict(best_state)
     network.freeze_backbone(False)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     result.elapsed_s = time.perf_counter() - started
     emit(ProgressEvent("done", elapsed_s=result.elapsed_s, message=(
         f"best epoch {result.best_epoch} (validation loss {result.best_val_loss:.4f}); "

@@ -1,0 +1,23 @@
+"""Leuko home page: what the tool is, the state of its models and the device it runs on."""
+
+import streamlit as st
+
+from leuko.ui.status import model_status_table, runtime_summary
+
+st.set_page_config(page_title="Leuko", page_icon="assets/leuko.svg", layout="wide")
+st.title("Leuko: acute leukemia screening support")
+st.markdown(
+    "Leuko gives a **second opinion** on peripheral blood smear images: ALL vs normal "
+    "lymphocytes, B-ALL maturation subtype, and five-class white cell typing, with calibrated "
+    "probabilities.\n\n"
+    "It is **decision support, not a diagnosis**. Every result must be reviewed by a qualified "
+    "person; a low-confidence result is flagged for review."
+)
+st.subheader("Runtime")
+st.write(runtime_summary())
+st.subheader("Installed models")
+table = model_status_table()
+if table.empty:
+    st.info("No model is installed yet. Train one with `python -m leuko train --task all_binary`.")
+else:
+    st.dataframe(table, hide_index=True, width="stretch")

@@ -1,0 +1,1 @@
+"""Helpers shared by the Streamlit pages; the only part of leuko allowed to import Streamlit."""

@@ -1,0 +1,30 @@
+"""Model and runtime status for the home and models pages."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from leuko.device import describe_device, pick_device
+from leuko.modelstore import ModelIntegrityError, ModelStore
+
+
+def runtime_summary() -> str:
+    """Where the networks will run, in words."""
+    return f"Models run on: {describe_device(pick_device(None))}"
+
+
+def model_status_table(store: ModelStore | None = None) -> pd.DataFrame:
+    """One row per installed model: task, architecture, test accuracy, integrity, default."""
+    store = store or ModelStore()
+    rows = []
+    for card in store.cards():
+        try:
+            store.verify(card.id)
+            status = "ok"
+        except ModelIntegrityError as exc:
+            status = f"refused: {exc}"
+        test = card.metrics.get("test", {})
+        rows.append({"model": card.id, "task": card.task, "architecture": card.arch,
+                     "test accuracy": test.get("accuracy"), "test MCC": test.get("mcc"),
+                     "default": store.default_id(card.task) == card.id, "integrity": status})
+    return pd.DataFrame(rows)

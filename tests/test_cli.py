@@ -1,0 +1,102 @@
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leuko.cli import main
+from tests.conftest import write_class_folder
+
+
+@pytest.fixture(scope="module")
+def trained(binary_folder, tmp_path_factory):
+    """One model trained through the CLI on synthetic images, in its own LEUKO_HOME."""
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LEUKO_HOME", str(home))
+    code = main(["train", "--task", "all_binary", "--arch", "seed004_squeezenet", "--folder", str(binary_folder),
+                 "--pretrained", "none", "--input-size", "48", "--epochs", "3", "--batch-size", "8",
+                 "--lr", "0.003", "--workers", "0", "--model-id", "cli-model", "--out-dir", str(home / "runs")])
+    assert code == 0
+    yield home
+    mp.undo()
+
+
+def test_train_registers_a_card_with_test_metrics(trained):
+    card = json.loads((trained / "models" / "cli-model.json").read_text())
+    assert card["task"] == "all_binary" and card["classes"] == ["ALL", "normal"]
+    test = card["metrics"]["test"]
+    assert test["n"] == 16 and {"accuracy", "mcc", "roc_auc", "ece", "sensitivity"} <= set(test)
+    assert card["data"]["split_sizes"]["train"] == {"ALL": 24, "normal": 24}
+    assert card["temperature"] > 0 and card["training_time_s"] > 0 and card["weights_dtype"] == "float16"
+    assert card["training"]["history"] and card["input"]["input_size"] == 48
+
+
+def test_predict_prints_the_csv_contract_and_skips_unreadable_files(trained, binary_folder, tmp_path):
+    (tmp_path / "broken.png").write_text("not an image")
+    env = {"LEUKO_HOME": str(trained), "PATH": "/usr/bin:/bin"}
+    folder = binary_folder / "test" / "ALL"
+    run = subprocess.run([sys.executable, "-m", "leuko", "predict", "--task", "all_binary", "--model", "cli-model",
+                          str(folder), str(tmp_path / "broken.png")], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    rows = list(csv.DictReader(io.StringIO(run.stdout)))
+    assert list(rows[0]) == ["path", "label", "confidence", "p_ALL", "p_normal"]
+    assert len(rows) == 8
+    for row in rows:
+        assert abs(float(row["p_ALL"]) + float(row["p_normal"]) - 1.0) < 1e-5
+        assert row["label"] in ("ALL", "normal")
+        assert float(row["confidence"]) == max(float(row["p_ALL"]), float(row["p_normal"]))
+    assert "broken.png" in run.stderr and "not an image" in run.stderr
+    only_bad = subprocess.run([sys.executable, "-m", "leuko", "predict", "--task", "all_binary", "--model", "cli-model",
+                               str(tmp_path / "broken.png")], capture_output=True, text=True, env=env)
+    assert only_bad.returncode != 0
+
+
+def test_predict_writes_a_csv_file_with_the_default_model(trained, binary_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEUKO_HOME", str(trained))
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--task", "all_binary", "--csv", str(out), str(binary_folder / "val")]) == 0
+    assert len(out.read_text().splitlines()) == 1 + 16
+
+
+def test_evaluate_and_models_commands(trained, binary_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LEUKO_HOME", str(trained))
+    folder = write_class_folder(tmp_path / "eval", ["ALL", "normal"], 4)
+    assert main(["evaluate", "--model", "cli-model", "--folder", str(folder), "--out", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "sensitivity" in printed
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["metrics"]["n"] == 8
+    assert (tmp_path / "report" / "roc.png").stat().st_size > 1000
+    assert main(["models", "--check"]) == 0
+    assert "cli-model" in capsys.readouterr().out
+
+
+def test_errors_are_one_clear_line_with_exit_code_2(trained, monkeypatch, capsys):
+    monkeypatch.setenv("LEUKO_HOME", str(trained))
+    assert main(["predict", "--task", "wbc_type", "--model", "absent", "x.png"]) == 2
+    assert "no model 'absent'" in capsys.readouterr().err
+    weights = trained / "models" / "cli-model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-8] + b"tampered")
+    try:
+        assert main(["predict", "--task", "all_binary", "--model", "cli-model", "x.png"]) == 2
+        assert "does not match its card" in capsys.readouterr().err
+        assert main(["models", "--check"]) == 1
+    finally:
+        weights.write_bytes(original)
+
+
+def test_torchrun_trains_with_distributed_data_parallel_on_the_cpu(binary_folder, tmp_path):
+    """Two gloo processes train one model; only rank 0 registers it."""
+    env = {"LEUKO_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "-m", "leuko", "train", "--task", "all_binary", "--arch", "seed004_squeezenet",
+                          "--folder", str(binary_folder), "--pretrained", "none", "--input-size", "48",
+                          "--epochs", "1", "--batch-size", "8", "--workers", "0", "--model-id", "ddp",
+                          "--out-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["ddp.json", "ddp.safetensors"]
+    assert run.stdout.count("registered model ddp") == 1

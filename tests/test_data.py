@@ -1,0 +1,100 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from leuko.data import (InputConfig, ImageDataset, RandomRotationReflect, balanced_sampler, build_transform,
+                        read_folder, read_manifest)
+from leuko.preprocess import PreprocessConfig
+from leuko.tasks import get_task
+from tests.conftest import synthetic_cell, write_class_folder
+
+
+def test_manifest_selects_task_split_and_dataset(tmp_path):
+    rows = [("a/1.png", "", "x", "all_binary", "ALL", "train"), ("a/2.png", "m/2.png", "x", "all_binary", "normal", "train"),
+            ("a/3.png", "", "y", "all_binary", "ALL", "train"), ("a/4.png", "", "x", "all_binary", "ALL", "test"),
+            ("b/1.png", "", "z", "wbc_type", "basophil", "train")]
+    pd.DataFrame(rows, columns=["path", "mask", "dataset", "task", "label", "split"]).to_csv(tmp_path / "m.csv", index=False)
+    task = get_task("all_binary")
+    samples = read_manifest(tmp_path / "m.csv", task, "train")
+    assert [s.path.name for s in samples] == ["1.png", "2.png", "3.png"]
+    assert [s.label for s in samples] == [0, 1, 0]
+    assert samples[1].mask == tmp_path / "m/2.png" and samples[0].mask is None
+    assert len(read_manifest(tmp_path / "m.csv", task, "train", ["y"])) == 1
+    with pytest.raises(ValueError, match="no rows"):
+        read_manifest(tmp_path / "m.csv", task, "val")
+
+
+def test_manifest_with_unknown_label_or_missing_column_is_refused(tmp_path):
+    pd.DataFrame([("1.png", "all_binary", "AML", "train")], columns=["path", "task", "label", "split"]).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ValueError, match="AML"):
+        read_manifest(tmp_path / "m.csv", get_task("all_binary"), "train")
+    pd.DataFrame([("1.png", "ALL")], columns=["path", "label"]).to_csv(tmp_path / "n.csv", index=False)
+    with pytest.raises(ValueError, match="missing column"):
+        read_manifest(tmp_path / "n.csv", get_task("all_binary"), "train")
+
+
+def test_folder_without_splits_is_cut_in_contiguous_blocks(tmp_path):
+    write_class_folder(tmp_path, ["ALL", "normal"], 10, size=16)
+    task = get_task("all_binary")
+    train, val, test = (read_folder(tmp_path, task, s) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (16, 2, 2)
+    assert [p.path.name for p in train if p.label == 0] == [f"{i:03d}.png" for i in range(8)]
+    assert [p.path.name for p in test if p.label == 0] == ["009.png"]
+    assert len(read_folder(tmp_path, task, "all")) == 20
+
+
+def test_folder_with_wrong_class_names_is_refused(tmp_path):
+    write_class_folder(tmp_path, ["ALL", "blasts"], 2, size=16)
+    with pytest.raises(ValueError, match="blasts"):
+        read_folder(tmp_path, get_task("all_binary"), "train")
+
+
+def test_folder_split_subfolders_are_used(binary_folder):
+    task = get_task("all_binary")
+    assert len(read_folder(binary_folder, task, "train")) == 48
+    assert len(read_folder(binary_folder, task, "val")) == 16
+
+
+def test_transforms_give_normalised_tensors_of_the_input_size():
+    image = Image.fromarray(synthetic_cell(0, 40))
+    config = InputConfig(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                         preprocess=PreprocessConfig(wiener=True, equalization="clahe"))
+    for train in (False, True):
+        tensor = build_transform(config, train)(image)
+        assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+        assert -1.0 <= tensor.min() and tensor.max() <= 1.0
+    eval_tf = build_transform(config, False)
+    assert torch.equal(eval_tf(image), eval_tf(image))
+
+
+def test_rotation_fills_corners_with_mirrored_background_not_black():
+    image = Image.fromarray(np.full((30, 30, 3), 220, np.uint8))
+    rotated = np.asarray(RandomRotationReflect()(image))
+    assert rotated.min() == 220
+
+
+def test_balanced_sampler_draws_classes_equally():
+    labels = [0] * 90 + [1] * 10
+    drawn = [labels[i] for i in balanced_sampler(labels, seed=1)]
+    assert 0.35 < np.mean(drawn) < 0.65
+
+
+def test_dataset_returns_tensor_and_label(binary_folder):
+    samples = read_folder(binary_folder, get_task("all_binary"), "val")
+    dataset = ImageDataset(samples, build_transform(InputConfig(input_size=24), False))
+    tensor, label = dataset[len(dataset) - 1]
+    assert tensor.shape == (3, 24, 24) and label == 1
+
+
+@pytest.mark.shared_data
+def test_shared_manifest_splits_match_its_readme(shared_data):
+    task = get_task("all_binary")
+    sizes = {s: len(read_manifest(shared_data / "manifest.csv", task, s)) for s in ("train", "val", "test")}
+    assert sizes == {"train": 182, "val": 26, "test": 26}
+    external = read_manifest(shared_data / "manifest.csv", get_task("wbc_type"), "external")
+    assert len(external) == 360 and {s.dataset for s in external} == {"wbc_seg_jtsc", "wbc_seg_cellavision"}
+    sample = read_manifest(shared_data / "manifest.csv", get_task("ball_subtype"), "val")[0]
+    tensor, _ = ImageDataset([sample], build_transform(InputConfig(input_size=64), True))[0]
+    assert tensor.shape == (3, 64, 64)

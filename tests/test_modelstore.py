@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+
+from leuko.data import InputConfig
+from leuko.modelstore import ModelCard, ModelIntegrityError, ModelNotFoundError, ModelStore
+from leuko.nets import build_model
+
+
+def _save(store: ModelStore, model_id: str, task: str = "all_binary", half: bool = False, **card_fields):
+    network = build_model("seed004_squeezenet", 2 if task == "all_binary" else 5)
+    card = ModelCard(id=model_id, task=task, classes=["ALL", "normal"], arch="seed004_squeezenet",
+                     input=InputConfig(input_size=48).to_dict(), temperature=1.7, **card_fields)
+    store.save(network, card, half=half)
+    return network
+
+
+def test_round_trip_keeps_weights_card_and_temperature(tmp_path):
+    store = ModelStore([tmp_path])
+    network = _save(store, "m1")
+    loaded = store.load("m1")
+    assert loaded.card.temperature == 1.7 and loaded.card.input_config.input_size == 48
+    assert len(loaded.card.weights_sha256) == 64 and loaded.card.created
+    for a, b in zip(network.state_dict().values(), loaded.network.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not loaded.network.training
+
+
+def test_half_precision_weights_load_as_float32(tmp_path):
+    store = ModelStore([tmp_path])
+    network = _save(store, "h", half=True)
+    loaded = store.load("h")
+    assert loaded.card.weights_dtype == "float16"
+    weight = next(loaded.network.parameters())
+    assert weight.dtype == torch.float32
+    assert torch.allclose(weight, next(network.parameters()), atol=1e-3)
+
+
+def test_tampered_or_truncated_weights_are_refused(tmp_path):
+    store = ModelStore([tmp_path])
+    _save(store, "m2")
+    weights = tmp_path / "m2.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="does not match its card"):
+        store.load("m2")
+    weights.write_bytes(bytes(data[:100]))
+    with pytest.raises(ModelIntegrityError):
+        store.load("m2")
+    weights.unlink()
+    with pytest.raises(ModelIntegrityError, match="missing"):
+        store.load("m2")
+
+
+def test_missing_model_and_default_resolution(tmp_path):
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    store = ModelStore([user, shipped])
+    with pytest.raises(ModelNotFoundError, match="train one"):
+        store.default_id("all_binary")
+    _save(ModelStore([shipped]), "shipped-default", default=True)
+    _save(ModelStore([shipped]), "shipped-other")
+    assert store.default_id("all_binary") == "shipped-default"
+    store.set_default("all_binary", "shipped-other")
+    assert store.default_id("all_binary") == "shipped-other"
+    assert json.loads((user / "defaults.json").read_text()) == {"all_binary": "shipped-other"}
+    with pytest.raises(ModelNotFoundError, match="available: "):
+        store.load("nope")
+    with pytest.raises(ValueError, match="not 'wbc_type'"):
+        store.set_default("wbc_type", "shipped-other")
+
+
+def test_invalid_ids_and_unreadable_cards(tmp_path):
+    store = ModelStore([tmp_path])
+    with pytest.raises(ValueError, match="model id"):
+        _save(store, "../escape")
+    (tmp_path / "broken.json").write_text("{not json")
+    assert store.cards() == []
+    with pytest.raises(ModelIntegrityError, match="unreadable"):
+        store.load("broken")

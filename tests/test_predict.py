@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from leuko.data import InputConfig
+from leuko.device import DeviceError, pick_device
+from leuko.images import ImageError
+from leuko.modelstore import ModelCard, ModelStore
+from leuko.nets import build_model
+from leuko.predict import Predictor
+from tests.conftest import synthetic_cell
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = ModelStore([tmp_path])
+    network = build_model("seed004_squeezenet", 5)
+    card = ModelCard(id="wbc", task="wbc_type", classes=["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"],
+                     arch="seed004_squeezenet", input=InputConfig(input_size=64).to_dict(), temperature=2.0)
+    store.save(network, card)
+    return store
+
+
+def test_predictions_are_calibrated_probabilities_and_deterministic(store):
+    predictor = Predictor("wbc", store=store, device="cpu")
+    images = [synthetic_cell(k, 48, seed=k) for k in range(3)]
+    first, second = predictor.predict(images), predictor.predict(images[::-1])[::-1]
+    for a, b in zip(first, second):
+        assert np.allclose(a.probabilities, b.probabilities, atol=1e-6)
+        assert a.probabilities.sum() == pytest.approx(1.0)
+        assert a.label in predictor.classes and a.confidence == a.probabilities.max()
+    assert set(first[0].as_dict()) == set(predictor.classes)
+
+
+def test_temperature_softens_the_raw_softmax(store):
+    predictor = Predictor("wbc", store=store)
+    batch = predictor.tensors([synthetic_cell(0, 48)])
+    raw = np.exp(predictor.logits(batch).numpy())
+    raw /= raw.sum()
+    assert predictor.probabilities(batch).max() <= raw.max() + 1e-9
+
+
+def test_tta_averages_over_rotations(store):
+    plain = Predictor("wbc", store=store).predict_one(synthetic_cell(1, 48))
+    tta = Predictor("wbc", store=store, tta=True).predict_one(synthetic_cell(1, 48))
+    assert tta.probabilities.sum() == pytest.approx(1.0)
+    assert not np.allclose(plain.probabilities, tta.probabilities)
+
+
+def test_task_mismatch_bad_image_and_missing_gpu_are_clear(store, monkeypatch):
+    with pytest.raises(ValueError, match="not 'all_binary'"):
+        Predictor("wbc", task="all_binary", store=store)
+    with pytest.raises(ImageError):
+        Predictor("wbc", store=store).predict([b"not an image"])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        pick_device("cuda")
+    assert pick_device(None).type == "cpu"
+    with pytest.raises(DeviceError):
+        pick_device("tpu")
