@@ -20,7 +20,13 @@ class TrainConfig:
     set, from a folder of class sub-folders. ``limit_train`` caps the training images per
     class (for quick runs); ``max_steps_per_epoch`` caps optimiser steps per epoch.
     ``freeze_epochs`` trains the head alone first (phase one), then everything with the
-    learning rate times ``finetune_lr_factor`` (phase two).
+    learning rate times ``finetune_lr_factor`` (phase two); ``freeze_stages`` keeps the stem
+    and that many early backbone stages frozen throughout (a large CPU speed-up).
+    ``channels_last`` uses the NHWC memory layout (faster on CUDA and, measured, on the CPU). ``stain_jitter`` is the strength
+    of stain-space colour augmentation (0 = off, 0.05-0.1 typical). ``extra_train`` adds
+    relabelled training images from another task of the same manifest, each entry
+    ``{"task": ..., "split": "train", "label_map": {source class: target class}}``; the
+    validation and test splits are never touched by it.
     """
 
     task: str
@@ -35,6 +41,8 @@ class TrainConfig:
     preprocess: PreprocessConfig | None = None
     augment: bool = True
     balanced_sampling: bool = False
+    stain_jitter: float = 0.0
+    extra_train: list[dict] | None = None
     epochs: int = 10
     batch_size: int = 32
     optimizer: str | None = None
@@ -42,6 +50,7 @@ class TrainConfig:
     weight_decay: float | None = None
     eps: float | None = None
     freeze_epochs: int | None = None
+    freeze_stages: int = 0
     finetune_lr_factor: float = 0.1
     plateau_patience: int = 5
     plateau_factor: float = 0.5

@@ -11,7 +11,7 @@ import hashlib
 import math
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -91,17 +91,41 @@ class RandomRotationReflect:
         return Image.fromarray(rotated)
 
 
+class RandomStainJitter:
+    """Perturbs the haematoxylin, eosin and residual stain concentrations independently
+    (colour deconvolution of Ruifrok and Johnston, via scikit-image's H-E-D matrix), as stain
+    batches, staining protocols and cameras differ between labs (Tellez et al., Med Image
+    Anal 58, 2019). ``strength`` is the standard deviation of the per-stain scale and shift."""
+
+    def __init__(self, strength: float) -> None:
+        from skimage.color import hed_from_rgb, rgb_from_hed
+
+        self.strength = strength
+        self.to_hed = hed_from_rgb.astype(np.float32)
+        self.to_rgb = rgb_from_hed.astype(np.float32)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        rgb = np.asarray(image, dtype=np.float32) / 255.0
+        optical_density = -np.log(np.maximum(rgb, 1e-6))
+        stains = optical_density.reshape(-1, 3) @ self.to_hed
+        scale = 1.0 + np.random.normal(0.0, self.strength, 3).astype(np.float32)
+        shift = np.random.normal(0.0, self.strength * 0.05, 3).astype(np.float32)
+        restored = np.exp(-((stains * scale + shift) @ self.to_rgb)).reshape(rgb.shape)
+        return Image.fromarray((np.clip(restored, 0.0, 1.0) * 255.0).round().astype(np.uint8))
+
+
 def _interpolation(name: str) -> v2.InterpolationMode:
     return {"bicubic": v2.InterpolationMode.BICUBIC,
             "bilinear": v2.InterpolationMode.BILINEAR}[name]
 
 
-def build_transform(config: InputConfig, train: bool) -> v2.Compose:
+def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0) -> v2.Compose:
     """PIL RGB image -> normalised float tensor (3, S, S).
 
     Training adds augmentations suited to smear cells, which have no canonical orientation:
     any rotation, both flips, scale 0.7-1.0 of the area, and mild colour jitter standing in
-    for stain and illumination differences between labs.
+    for illumination differences. ``stain_jitter`` > 0 adds stain-space jitter of that
+    strength and occasional defocus blur, for robustness to other labs' stains and optics.
     """
     size, mode = config.input_size, _interpolation(config.interpolation)
     steps: list = [SmearPreprocess(config.preprocess)]
@@ -114,6 +138,9 @@ def build_transform(config: InputConfig, train: bool) -> v2.Compose:
             v2.RandomVerticalFlip(),
             v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=0.02),
         ]
+        if stain_jitter > 0:
+            steps += [RandomStainJitter(stain_jitter),
+                      v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.25)]
     else:
         steps.append(v2.Resize((size, size), interpolation=mode, antialias=True))
     steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
@@ -165,6 +192,19 @@ def read_manifest(manifest: Path, task: Task, split: str,
     return [Sample(root / row.path, task.index_of(row.label), getattr(row, "dataset", ""),
                    root / row.mask if getattr(row, "mask", "") else None)
             for row in rows.itertuples(index=False)]
+
+
+def read_relabelled(manifest: Path, task: Task, source_task: Task, split: str,
+                    label_map: dict[str, str]) -> list[Sample]:
+    """Samples of another task's split relabelled into ``task``'s classes through
+    ``label_map`` (source class id -> target class id); unmapped classes are left out.
+    Used for honest extra training data, e.g. Aria B-lineage cells for ALL vs normal."""
+    unknown = set(label_map.values()) - set(task.class_ids)
+    if unknown:
+        raise ValueError(f"label_map targets {sorted(unknown)} are not classes of {task.id}")
+    samples = read_manifest(manifest, source_task, split)
+    return [replace(s, label=task.index_of(label_map[source_task.class_ids[s.label]]))
+            for s in samples if source_task.class_ids[s.label] in label_map]
 
 
 def read_folder(folder: Path, task: Task, split: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)

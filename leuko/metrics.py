@@ -124,3 +124,27 @@ def roc_pr_curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequenc
                         "recall": recall.tolist(), "auc": float(skm.auc(fpr, tpr)),
                         "ap": float(skm.average_precision_score(is_k, probs[:, k]))}
     return curves
+
+
+def review_threshold(y_true: Sequence[int], probs: np.ndarray, target_accuracy: float = 0.99) -> float:
+    """The lowest top-class confidence t such that predictions with confidence >= t are at
+    least ``target_accuracy`` accurate on these data (chosen on ``val``); 1.0 if none are.
+
+    Results below t are routed to human review, as digital morphology analysers route
+    uncertain cells to an 'unidentified' class.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    confidence = probs.max(axis=1)
+    order = np.argsort(-confidence, kind="stable")
+    correct = (probs.argmax(axis=1) == y_true)[order]
+    running = np.cumsum(correct) / np.arange(1, len(correct) + 1)
+    sorted_confidence = confidence[order]
+    # a cut can only fall between distinct confidences; ties share one side
+    valid = np.append(sorted_confidence[1:] < sorted_confidence[:-1], True)
+    ok = np.flatnonzero((running >= target_accuracy) & valid)
+    return float(sorted_confidence[ok[-1]]) if len(ok) else 1.0
+
+
+def review_share(probs: np.ndarray, threshold: float) -> float:
+    """Share of predictions whose top-class confidence falls below ``threshold``."""
+    return float((probs.max(axis=1) < threshold).mean()) if len(probs) else 0.0

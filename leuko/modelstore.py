@@ -46,7 +46,9 @@ class ModelCard:
 
     ``temperature`` is the calibration temperature fitted on the validation split;
     ``metrics`` holds ``{"val": {...}, "test": {...}}`` from :mod:`leuko.metrics`;
-    ``training_time_s`` is wall-clock seconds.
+    ``training_time_s`` is wall-clock seconds; ``review_threshold`` is the calibrated
+    confidence below which a prediction is marked needs-review (chosen on ``val`` for 99%
+    accuracy above it).
     """
 
     id: str
@@ -55,6 +57,7 @@ class ModelCard:
     arch: str
     input: dict
     temperature: float = 1.0
+    review_threshold: float | None = None
     arch_config: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable
 
-from leuko.calibration import fit_temperature, negative_log_likelihood
+from leuko.calibration import calibrated_probabilities, fit_temperature, negative_log_likelihood
 from leuko.config import TrainConfig
 from leuko.data import class_counts, file_sha256
 from leuko.evaluate import metrics_from_logits, model_logits
+from leuko.metrics import expected_calibration_error, review_share, review_threshold
 from leuko.modelstore import LoadedModel, ModelCard, ModelStore, hardware_description
 from leuko.progress import Callback, ProgressEvent
 from leuko.tasks import get_task
-from leuko.train import load_split, train_model
+from leuko.train import load_split, load_training_samples, train_model
 
 
 def train_and_register(config: TrainConfig, store: ModelStore | None = None,
@@ -41,13 +42,18 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
     card.training["history"] = result.history
     card.training["best_epoch"] = result.best_epoch
     loaded = LoadedModel(card, result.network.eval(), Path("."))
-    splits = {split: load_split(config, task, split) for split in ("train", "val", "test")}
+    splits = {"train": load_training_samples(config, task),
+              **{split: load_split(config, task, split) for split in ("val", "test")}}
     for listener in callbacks:
         listener(ProgressEvent("message", message="calibrating on val and evaluating on test"))
     val_logits, val_labels = model_logits(loaded, splits["val"], config.device)
     card.temperature = fit_temperature(val_logits, val_labels)
     test_logits, test_labels = model_logits(loaded, splits["test"], config.device)
+    card.review_threshold = review_threshold(val_labels, calibrated_probabilities(val_logits, card.temperature))
+    test_probs = calibrated_probabilities(test_logits, card.temperature)
     card.metrics = {
+        "test_ece_before_calibration": expected_calibration_error(test_labels, calibrated_probabilities(test_logits, 1.0)),
+        "test_review_share": review_share(test_probs, card.review_threshold),
         "val": metrics_from_logits(val_logits, val_labels, task.id, card.temperature),
         "test": metrics_from_logits(test_logits, test_labels, task.id, card.temperature),
         "val_nll_before_calibration": negative_log_likelihood(val_logits, val_labels),
@@ -58,6 +64,6 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
                  "manifest_sha256": file_sha256(source) if source.is_file() else None,
                  "datasets": config.datasets,
                  "split_sizes": {split: class_counts(samples, task) for split, samples in splits.items()},
-                 "train_images_used": min(len(splits["train"]), (config.limit_train or 10**9) * task.num_classes)}
+                 "extra_train": config.extra_train}
     store.save(result.network, card, half=config.half_weights, folder=folder)
     return card

@@ -21,7 +21,8 @@ from leuko.modelstore import LoadedModel, ModelStore
 from leuko.tasks import Task, get_task
 
 REVIEW_CONFIDENCE = 0.80
-"""Below this calibrated top-class probability a result is flagged for human review."""
+"""Below this calibrated top-class probability a result is flagged for human review, for a
+model whose card holds no threshold of its own."""
 
 
 @dataclass
@@ -61,12 +62,13 @@ class Predictor:
 
     ``model`` is a model id, an already loaded model, or ``None`` for the task's default.
     ``device`` is ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``. With ``tta`` the
-    probabilities are averaged over the 8 rotations and flips of each image.
+    probabilities are averaged over the 8 rotations and flips of each image. Results below
+    ``review_confidence`` (default: the card's threshold) are marked needs-review.
     """
 
     def __init__(self, model: str | LoadedModel | None = None, task: str | None = None,
                  device: str | None = None, tta: bool = False, store: ModelStore | None = None,
-                 review_confidence: float = REVIEW_CONFIDENCE) -> None:
+                 review_confidence: float | None = None) -> None:
         loaded = model if isinstance(model, LoadedModel) else (store or ModelStore()).load(model, task)
         if task is not None and loaded.card.task != task:
             raise ValueError(f"model {loaded.card.id!r} is for task {loaded.card.task!r}, not {task!r}")
@@ -77,7 +79,8 @@ class Predictor:
         self.network = loaded.network.to(self.device).eval()
         self.transform = build_transform(loaded.card.input_config, train=False)
         self.tta = tta
-        self.review_confidence = review_confidence
+        self.review_confidence = (review_confidence if review_confidence is not None
+                                  else loaded.card.review_threshold or REVIEW_CONFIDENCE)
 
     @property
     def classes(self) -> list[str]:

@@ -1,8 +1,8 @@
 """One training loop for every architecture and task, with the seeds' recipes.
 
 Adam / Adamax / RMSprop / AdamW; reduce-on-plateau and early stopping on the validation loss;
-optional two-phase fine-tuning (frozen backbone, then all layers); mixed precision and
-channels-last on CUDA; DistributedDataParallel when launched with ``torchrun``; fixed seeds;
+optional two-phase fine-tuning (frozen backbone, then all layers); mixed precision on CUDA;
+channels-last memory layout; DistributedDataParallel when launched with ``torchrun``; fixed seeds;
 resumable checkpoints (safetensors + JSON, never pickles); the best weights by validation
 loss are kept. Progress is reported only through :class:`leuko.progress.ProgressEvent`.
 """
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from leuko.config import TrainConfig
 from leuko.data import (ImageDataset, InputConfig, Sample, balanced_sampler, build_transform,
-                        read_folder, read_manifest)
+                        read_folder, read_manifest, read_relabelled)
 from leuko.device import pick_device
 from leuko.nets import LeukoNet, build_model, get_arch
 from leuko.paths import default_data_root
@@ -89,6 +89,16 @@ def load_split(config: TrainConfig, task: Task, split: str) -> list[Sample]:
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} not found; set data_root (--data) or folder")
     return read_manifest(manifest, task, split, config.datasets)
+
+
+def load_training_samples(config: TrainConfig, task: Task) -> list[Sample]:
+    """The train split, capped per class, plus any relabelled extra sources."""
+    samples = limit_per_class(load_split(config, task, "train"), config.limit_train, config.seed)
+    manifest = Path(config.data_root or default_data_root()) / config.manifest
+    for extra in config.extra_train or []:
+        samples += read_relabelled(manifest, task, get_task(extra["task"]), extra.get("split", "train"),
+                                   extra["label_map"])
+    return samples
 
 
 def limit_per_class(samples: list[Sample], per_class: int | None, seed: int) -> list[Sample]:
@@ -201,9 +211,10 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
 
     seed_everything(config.seed)
     input_config = input_config_for(config)
-    train_samples = limit_per_class(load_split(config, task, "train"), config.limit_train, config.seed)
+    train_samples = load_training_samples(config, task)
     val_samples = load_split(config, task, "val")
-    train_set = ImageDataset(train_samples, build_transform(input_config, train=config.augment))
+    train_set = ImageDataset(train_samples, build_transform(input_config, train=config.augment,
+                                                            stain_jitter=config.stain_jitter))
     val_set = ImageDataset(val_samples, build_transform(input_config, train=False))
     if world > 1:
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
@@ -219,8 +230,9 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
 
     network = build_model(config.arch, task.num_classes, config.pretrained).to(device)
+    network.freeze_early_stages(config.freeze_stages)
     use_amp = config.amp and device.type == "cuda"
-    if config.channels_last and device.type == "cuda":
+    if config.channels_last:
         network = network.to(memory_format=torch.channels_last)
     model: nn.Module = network
     if world > 1:
@@ -283,7 +295,7 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
                 cancelled = True
                 break
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if config.channels_last and device.type == "cuda":
+            if config.channels_last:
                 images = images.to(memory_format=torch.channels_last)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = F.cross_entropy(model(images), targets, label_smoothing=config.label_smoothing)
@@ -332,6 +344,9 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
             break
     network.load_state_dict(best_state)
     network.freeze_backbone(False)
+    network.freeze_early_stages(0)
+    for parameter in network.parameters():
+        parameter.requires_grad = True
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

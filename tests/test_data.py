@@ -98,3 +98,24 @@ def test_shared_manifest_splits_match_its_readme(shared_data):
     sample = read_manifest(shared_data / "manifest.csv", get_task("ball_subtype"), "val")[0]
     tensor, _ = ImageDataset([sample], build_transform(InputConfig(input_size=64), True))[0]
     assert tensor.shape == (3, 64, 64)
+
+
+def test_stain_jitter_changes_colour_but_not_geometry():
+    from leuko.data import RandomStainJitter
+    image = Image.fromarray(synthetic_cell(0, 40))
+    np.random.seed(3)
+    jittered = np.asarray(RandomStainJitter(0.2)(image)).astype(int)
+    original = np.asarray(image).astype(int)
+    assert jittered.shape == original.shape and np.abs(jittered - original).mean() > 1
+    assert np.corrcoef(jittered[..., 1].ravel(), original[..., 1].ravel())[0, 1] > 0.9
+
+
+@pytest.mark.shared_data
+def test_aria_cells_relabel_into_the_binary_task(shared_data):
+    from leuko.data import read_relabelled
+    samples = read_relabelled(shared_data / "manifest.csv", get_task("all_binary"), get_task("ball_subtype"),
+                              "train", {"Benign": "normal", "Early": "ALL", "Pre": "ALL", "Pro": "ALL"})
+    assert len(samples) == 2280 and sum(s.label == 1 for s in samples) == 353
+    with pytest.raises(ValueError, match="not classes"):
+        read_relabelled(shared_data / "manifest.csv", get_task("all_binary"), get_task("ball_subtype"), "train",
+                        {"Benign": "healthy"})

@@ -49,3 +49,17 @@ def test_curves_skip_absent_classes():
     probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.4, 0.5, 0.1]])
     curves = roc_pr_curves(y_true, probs, ["a", "b", "c"])
     assert set(curves) == {"a", "b"} and curves["a"]["auc"] == 1.0
+
+
+def test_review_threshold_keeps_99_percent_accuracy_above_it():
+    from leuko.metrics import review_share, review_threshold
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.5, 1.0, 1000)
+    y_pred = np.zeros(1000, int)
+    y_true = np.where(rng.uniform(size=1000) < confidence ** 8, 0, 1)  # errors concentrate at low confidence
+    probs = np.stack([confidence, 1 - confidence], 1)
+    t = review_threshold(y_true, probs, 0.99)
+    above = confidence >= t
+    assert (y_true[above] == y_pred[above]).mean() >= 0.99
+    assert 0.5 < t < 1.0 and review_share(probs, t) == pytest.approx(1 - above.mean())
+    assert review_threshold(np.array([1, 1]), np.array([[0.9, 0.1], [0.8, 0.2]])) == 1.0

@@ -101,3 +101,17 @@ def test_unknown_architecture_lists_known_ones():
         build_model("resnet9000", 2)
     with pytest.raises(ValueError):
         build_model("efficientnet_lite0", 1)
+
+
+def test_freezing_early_stages_fixes_their_weights_and_statistics():
+    model = build_model("efficientnet_lite0", 2)
+    model.freeze_early_stages(2)
+    model.train()
+    stem, first = model.backbone.body.conv_stem, model.backbone.body.blocks[1]
+    assert not stem.weight.requires_grad and not any(p.requires_grad for p in first.parameters())
+    assert all(p.requires_grad for p in model.backbone.body.blocks[2].parameters())
+    before = model.backbone.body.bn1.running_mean.clone()
+    model(torch.randn(4, 3, 64, 64))
+    assert torch.equal(before, model.backbone.body.bn1.running_mean)
+    with pytest.raises(ValueError, match="not supported"):
+        build_model("seed003_vgg16", 2).freeze_early_stages(1)
