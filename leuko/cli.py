@@ -137,6 +137,59 @@ def _models(args: argparse.Namespace) -> int:
     return 1 if failures and args.check else 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from leuko.morphometrics import measure_cell
+    from leuko.segment import SegmentationError, make_segmenter, segment_image
+
+    segment = make_segmenter(args.method, device=args.device)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, done, used = [], 0, set()
+    for path in find_images(args.paths):
+        try:
+            rgb = np.asarray(load_image(path))
+            result = segment_image(rgb, segment, kind=args.kind)
+        except (ImageError, SegmentationError) as exc:
+            print(f"skipped {exc}", file=sys.stderr)
+            continue
+        name, copy = f"{path.stem}_mask.png", 2
+        while name in used:
+            name, copy = f"{path.stem}-{copy}_mask.png", copy + 1
+        used.add(name)
+        Image.fromarray(result.mask).save(out_dir / name)
+        done += 1
+        if not result.cells:
+            print(f"{path}: no leukocyte found", file=sys.stderr)
+        for index, cell in enumerate(result.cells, start=1):
+            x, y, w, h = cell.box
+            rows.append({"path": str(path), "mask_file": name, "cell": index, "kind": result.kind, "x": x, "y": y, "width": w,
+                         "height": h, "touches_border": cell.touches_border,
+                         **measure_cell(cell.mask, cell.crop, args.pixel_size).as_dict()})
+    pd.DataFrame(rows).to_csv(out_dir / "morphometrics.csv", index=False)
+    print(f"segmented {done} image(s), {len(rows)} cell(s); masks and morphometrics.csv in {out_dir}")
+    return 0 if done else 1
+
+
+def _evaluate_segmentation(args: argparse.Namespace) -> int:
+    from leuko.segment import make_segmenter
+    from leuko.segtrain import evaluate_masks, mask_samples
+
+    samples = mask_samples(args.split, Path(args.data) if args.data else None)
+    methods = ["classical", "learned"] if args.method == "both" else [args.method]
+    for method in methods:
+        table = evaluate_masks(make_segmenter(method, device=args.device), samples)
+        print(f"\n{method} segmenter on the {args.split} split")
+        print(table.round(3).to_string())
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            table.to_csv(Path(args.out) / f"segmentation_{method}_{args.split}.csv")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m leuko",
                                      description="Leuko: acute leukemia screening from blood smear images")
@@ -186,6 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device")
     predict.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     predict.set_defaults(handler=_predict)
+
+    segment = sub.add_parser("segment", help="nucleus/cytoplasm masks and morphometrics of crops or fields")
+    segment.add_argument("--method", choices=["auto", "classical", "learned"], default="auto",
+                         help="auto: the learned segmenter when installed, else classical")
+    segment.add_argument("--kind", choices=["auto", "crop", "field"], default="auto")
+    segment.add_argument("--out-dir", default="segmentation")
+    segment.add_argument("--pixel-size", type=float, help="micrometres per pixel, for areas in um^2")
+    segment.add_argument("--device")
+    segment.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    segment.set_defaults(handler=_segment)
+
+    seg_eval = sub.add_parser("evaluate-segmentation", help="Dice and IoU of the segmenters on a manifest split")
+    seg_eval.add_argument("--method", choices=["classical", "learned", "both"], default="both")
+    seg_eval.add_argument("--split", default="test")
+    seg_eval.add_argument("--data", help="folder holding manifest.csv")
+    seg_eval.add_argument("--out", help="folder for the CSV tables")
+    seg_eval.add_argument("--device")
+    seg_eval.set_defaults(handler=_evaluate_segmentation)
 
     models = sub.add_parser("models", help="list installed models and check their integrity")
     models.add_argument("--task", choices=tasks)

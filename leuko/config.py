@@ -26,7 +26,9 @@ class TrainConfig:
     of stain-space colour augmentation (0 = off, 0.05-0.1 typical). ``extra_train`` adds
     relabelled training images from another task of the same manifest, each entry
     ``{"task": ..., "split": "train", "label_map": {source class: target class}}``; the
-    validation and test splits are never touched by it.
+    validation and test splits are never touched by it. ``train_repeat`` shows each image of
+    the task's own train split that many times per epoch, to keep it from being swamped by
+    extra sources.
     """
 
     task: str
@@ -43,6 +45,7 @@ class TrainConfig:
     balanced_sampling: bool = False
     stain_jitter: float = 0.0
     extra_train: list[dict] | None = None
+    train_repeat: int = 1
     epochs: int = 10
     batch_size: int = 32
     optimizer: str | None = None

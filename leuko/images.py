@@ -70,7 +70,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = array.max() or 1.0
-        image = Image.fromarray((array / top * 255.0).round().astype(np.uint8), mode="L")
+        image = Image.fromarray((array / top * 255.0).round().astype(np.uint8))
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

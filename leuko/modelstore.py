@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from leuko import __version__
 from leuko.data import InputConfig, file_sha256
 from leuko.nets import LeukoNet, build_model
+from leuko.nets.unet import UNET_ARCHS, build_unet
 from leuko.paths import SHIPPED_MODELS, user_models_dir
 from leuko.tasks import get_task
 
@@ -93,7 +94,7 @@ class LoadedModel:
     """A model in memory with its card and the folder it was loaded from."""
 
     card: ModelCard
-    network: LeukoNet
+    network: torch.nn.Module
     folder: Path
 
 
@@ -182,7 +183,7 @@ class ModelStore:
         choices[task] = model_id
         _atomic_write(choice_file, lambda p: p.write_text(json.dumps(choices, indent=2)))
 
-    def save(self, network: LeukoNet, card: ModelCard, half: bool = False,
+    def save(self, network: torch.nn.Module, card: ModelCard, half: bool = False,
              folder: Path | None = None) -> Path:
         """Write weights (fp16 when ``half``) and card; fills in sha256, dtype and date.
 
@@ -229,7 +230,8 @@ class ModelStore:
             state = load_file(str(folder / f"{model_id}.safetensors"))
         except (SafetensorError, OSError) as exc:
             raise ModelIntegrityError(f"weights of {model_id!r} are unreadable: {exc}") from exc
-        network = build_model(card.arch, len(card.classes), pretrained=None)
+        network = (build_unet(card.arch, len(card.classes)) if card.arch in UNET_ARCHS
+                   else build_model(card.arch, len(card.classes), pretrained=None))
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         try:
             network.load_state_dict(state, strict=True)

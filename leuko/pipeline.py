@@ -42,7 +42,7 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
     card.training["history"] = result.history
     card.training["best_epoch"] = result.best_epoch
     loaded = LoadedModel(card, result.network.eval(), Path("."))
-    splits = {"train": load_training_samples(config, task),
+    splits = {"train": list(dict.fromkeys(load_training_samples(config, task))),
               **{split: load_split(config, task, split) for split in ("val", "test")}}
     for listener in callbacks:
         listener(ProgressEvent("message", message="calibrating on val and evaluating on test"))

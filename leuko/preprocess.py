@@ -53,7 +53,8 @@ def wiener_filter(rgb: np.ndarray, window: int = 5) -> np.ndarray:
         if np.ptp(plane) == 0:
             out[..., channel] = rgb[..., channel]
             continue
-        filtered = wiener(plane, (window, window))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            filtered = wiener(plane, (window, window))
         out[..., channel] = np.clip(np.nan_to_num(filtered, nan=0.0), 0, 255).round().astype(np.uint8)
     return out
 

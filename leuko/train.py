@@ -94,6 +94,7 @@ def load_split(config: TrainConfig, task: Task, split: str) -> list[Sample]:
 def load_training_samples(config: TrainConfig, task: Task) -> list[Sample]:
     """The train split, capped per class, plus any relabelled extra sources."""
     samples = limit_per_class(load_split(config, task, "train"), config.limit_train, config.seed)
+    samples = samples * max(1, config.train_repeat)
     manifest = Path(config.data_root or default_data_root()) / config.manifest
     for extra in config.extra_train or []:
         samples += read_relabelled(manifest, task, get_task(extra["task"]), extra.get("split", "train"),

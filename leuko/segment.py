@@ -1,0 +1,345 @@
+"""Nucleus and cytoplasm segmentation of leukocytes, and cell finding in field images.
+
+The classical segmenter follows seed 002 (Vinurajan et al.): Wiener filter and histogram
+equalisation, colour-space nucleus detection, then marker-controlled watershed on the
+morphological gradient. Masks use one byte per pixel: 0 background, 128 cytoplasm,
+255 nucleus (the convention of ``../shared/data`` masks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+from skimage.segmentation import watershed
+
+from leuko.preprocess import PreprocessConfig, apply_preprocessing
+
+BACKGROUND, CYTOPLASM, NUCLEUS = 0, 128, 255
+MIN_SIDE = 24
+"""Smallest image side, in pixels, that can hold a measurable cell."""
+
+
+class SegmentationError(ValueError):
+    """An image that cannot be segmented; the message says why."""
+
+
+@dataclass
+class ClassicalConfig:
+    """Settings of the classical segmenter. Sizes are fractions of the crop's shorter side,
+    so the method works at any magnification of a single-cell crop."""
+
+    preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(wiener=True, equalization="dhe"))
+    smoothing: float = 0.01
+    min_nucleus_fraction: float = 0.002
+    background_margin: float = 0.04
+
+
+def _normalise(channel: np.ndarray) -> np.ndarray:
+    low, high = np.percentile(channel, (1, 99))
+    return np.clip((channel - low) / max(high - low, 1e-6), 0.0, 1.0)
+
+
+def nucleus_score(rgb: np.ndarray) -> np.ndarray:
+    """How nucleus-like each pixel is, 0-1: Romanowsky-stained nuclei are the most saturated
+    and the most blue-over-green pixels of a smear (HSV saturation averaged with B - G)."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.float32)
+    rgbf = rgb.astype(np.float32)
+    return 0.5 * _normalise(hsv[..., 1]) + 0.5 * _normalise(rgbf[..., 2] - rgbf[..., 1])
+
+
+def absolute_nucleus_score(rgb: np.ndarray) -> np.ndarray:
+    """Nucleus score on a fixed scale, 0-1 (saturation / 255 averaged with (B - G) / 128), for
+    field images where a per-image normalisation would promote red cells when no nucleus is
+    present. Romanowsky nuclei score about 0.6-0.8, red cells and cytoplasm below 0.35."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.float32)
+    rgbf = rgb.astype(np.float32)
+    return 0.5 * hsv[..., 1] / 255.0 + 0.5 * np.clip((rgbf[..., 2] - rgbf[..., 1]) / 128.0, 0.0, 1.0)
+
+
+def cell_score(rgb: np.ndarray) -> np.ndarray:
+    """How leukocyte-like (nucleus or cytoplasm) each pixel is, 0-1: leukocyte cytoplasm is
+    bluer than red cells (pink) and background (pale), so blue over the red-green mean."""
+    rgbf = rgb.astype(np.float32)
+    darkness = 1.0 - cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    return 0.6 * _normalise(rgbf[..., 2] - (rgbf[..., 0] + rgbf[..., 1]) / 2) + 0.4 * _normalise(darkness)
+
+
+def _otsu(values: np.ndarray) -> float:
+    return float(threshold_otsu(values)) if np.ptp(values) > 1e-6 else float(values.max()) + 1.0
+
+
+def _disc(radius: int) -> np.ndarray:
+    radius = max(1, radius)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def _central_components(binary: np.ndarray, min_area: int) -> np.ndarray:
+    """Connected regions of at least ``min_area`` pixels that belong to the crop's central
+    cell: the region nearest the centre, plus any region within one nucleus radius of it
+    (the lobes of a segmented nucleus)."""
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    keep = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_area]
+    if not keep:
+        return np.zeros_like(binary, dtype=bool)
+    centre = np.array(binary.shape[::-1], dtype=np.float64) / 2.0
+    distance_map = ndi.distance_transform_edt(labels == 0)
+    nearest = min(keep, key=lambda i: np.linalg.norm(centroids[i] - centre) / np.sqrt(stats[i, cv2.CC_STAT_AREA]))
+    chosen = labels == nearest
+    reach = np.sqrt(stats[nearest, cv2.CC_STAT_AREA] / np.pi)
+    near_chosen = ndi.distance_transform_edt(~chosen) <= reach
+    for i in keep:
+        if i != nearest and np.any(near_chosen & (labels == i)):
+            chosen |= labels == i
+    del distance_map
+    return chosen
+
+
+def classical_segment(rgb: np.ndarray, config: ClassicalConfig | None = None) -> np.ndarray:
+    """Mask (H, W) uint8 of the central leukocyte of a single-cell crop: 0/128/255.
+
+    Returns an all-zero mask when no nucleus is found (for example a blank image).
+    """
+    config = config or ClassicalConfig()
+    height, width = rgb.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise SegmentationError(f"image of {width}x{height} pixels is too small to segment "
+                                f"(at least {MIN_SIDE}x{MIN_SIDE} needed)")
+    side = min(height, width)
+    clean = apply_preprocessing(rgb, config.preprocess)
+    sigma = max(0.5, config.smoothing * side)
+    nucleus_map = cv2.GaussianBlur(nucleus_score(clean), (0, 0), sigma)
+    cell_map = cv2.GaussianBlur(cell_score(clean), (0, 0), sigma)
+    if np.ptp(nucleus_map) < 0.05:
+        return np.zeros((height, width), np.uint8)
+    min_area = int(config.min_nucleus_fraction * height * width) + 1
+    nucleus = nucleus_map > _otsu(nucleus_map)
+    nucleus = cv2.morphologyEx(nucleus.astype(np.uint8), cv2.MORPH_OPEN, _disc(int(side * 0.01))).astype(bool)
+    nucleus = _central_components(nucleus, min_area)
+    if not nucleus.any():
+        return np.zeros((height, width), np.uint8)
+    nucleus = ndi.binary_fill_holes(nucleus)
+
+    candidate = (cell_map > _otsu(cell_map[~nucleus])) | nucleus
+    candidate = ndi.binary_fill_holes(cv2.morphologyEx(candidate.astype(np.uint8), cv2.MORPH_CLOSE,
+                                                       _disc(int(side * 0.02))).astype(bool))
+    lbl, _ = ndi.label(candidate)
+    touching = np.unique(lbl[nucleus])
+    candidate = np.isin(lbl, touching[touching > 0]) | nucleus
+    markers = np.zeros((height, width), np.int32)
+    sure_background = ~cv2.dilate(candidate.astype(np.uint8), _disc(int(side * config.background_margin))).astype(bool)
+    markers[sure_background] = 1
+    inner = cv2.erode(candidate.astype(np.uint8), _disc(int(side * 0.03))).astype(bool)
+    markers[inner | nucleus] = 2
+    gradient = cv2.morphologyEx((cell_map * 255).astype(np.uint8), cv2.MORPH_GRADIENT, _disc(1))
+    cell = watershed(gradient, markers) == 2
+    cell = ndi.binary_fill_holes(cell) | nucleus
+    mask = np.zeros((height, width), np.uint8)
+    mask[cell] = CYTOPLASM
+    mask[nucleus] = NUCLEUS
+    return mask
+
+
+def keep_central_cell(mask: np.ndarray) -> np.ndarray:
+    """Keep the connected cell region nearest the image centre (relative to its size), fill
+    its holes, and keep nucleus pixels only inside it: a crop's mask describes one cell."""
+    cell = mask > 0
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(cell.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return np.zeros_like(mask)
+    centre = np.array(mask.shape[::-1], dtype=np.float64) / 2.0
+    best = min(range(1, count), key=lambda i: np.linalg.norm(centroids[i] - centre) / np.sqrt(stats[i, cv2.CC_STAT_AREA]))
+    region = ndi.binary_fill_holes(labels == best)
+    out = np.zeros_like(mask)
+    out[region] = CYTOPLASM
+    out[region & (mask == NUCLEUS)] = NUCLEUS
+    return out
+
+
+class LearnedSegmenter:
+    """The U-Net segmenter: loads once, segments crops of any size at its input resolution."""
+
+    def __init__(self, model_id: str | None = None, store=None, device: str | None = None) -> None:
+        from leuko.modelstore import ModelStore
+
+        store = store or ModelStore()
+        loaded = store.load(model_id or store.default_id("segmentation"))
+        self._setup(loaded.network, loaded.card, device)
+
+    @classmethod
+    def from_network(cls, network, card, device: str | None = None) -> "LearnedSegmenter":
+        segmenter = cls.__new__(cls)
+        segmenter._setup(network, card, device)
+        return segmenter
+
+    def _setup(self, network, card, device: str | None) -> None:
+        import torch
+
+        from leuko.device import pick_device
+
+        self.torch = torch
+        self.card = card
+        self.device = pick_device(device)
+        self.network = network.to(self.device).eval()
+        self.size = int(card.input["input_size"])
+        self.mean = np.array(card.input["mean"], np.float32)
+        self.std = np.array(card.input["std"], np.float32)
+
+    def probabilities(self, rgb: np.ndarray) -> np.ndarray:
+        """Class probabilities (3, H, W) at the image's own resolution."""
+        torch = self.torch
+        height, width = rgb.shape[:2]
+        resized = cv2.resize(rgb, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        tensor = torch.from_numpy(((resized.astype(np.float32) / 255.0 - self.mean) / self.std).transpose(2, 0, 1))
+        with torch.inference_mode():
+            logits = self.network(tensor[None].to(self.device)).float()
+            logits = torch.nn.functional.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        return logits.softmax(1)[0].cpu().numpy()
+
+    def segment(self, rgb: np.ndarray) -> np.ndarray:
+        """Mask (H, W) uint8, 0/128/255, of the central cell of a crop."""
+        height, width = rgb.shape[:2]
+        if min(height, width) < MIN_SIDE:
+            raise SegmentationError(f"image of {width}x{height} pixels is too small to segment "
+                                    f"(at least {MIN_SIDE}x{MIN_SIDE} needed)")
+        classes = self.probabilities(rgb).argmax(0)
+        return keep_central_cell(np.array([BACKGROUND, CYTOPLASM, NUCLEUS], np.uint8)[classes])
+
+
+FIELD_MIN_SIDE = 600
+"""Images whose longer side reaches this many pixels are treated as fields of view when the
+kind is ``auto``; single-cell crops in the public sets are 120-400 pixels."""
+
+
+@dataclass
+class FieldConfig:
+    """Cell finding in a field image. Sizes are fractions of the image's shorter side:
+    nuclei smaller than ``min_nucleus_diameter`` (platelets, debris) are ignored and nucleus
+    fragments closer than ``lobe_gap`` are one cell (the lobes of a neutrophil)."""
+
+    detection_side: int = 1024
+    min_nucleus_diameter: float = 0.02
+    lobe_gap: float = 0.02
+    crop_scale: float = 1.8
+    nucleus_threshold: float = 0.45
+
+
+@dataclass
+class Cell:
+    """One leukocyte found in an image: its box (x, y, width, height in pixels of the full
+    image), its crop and mask (0/128/255, crop-sized), and whether the border cuts it."""
+
+    box: tuple[int, int, int, int]
+    crop: np.ndarray
+    mask: np.ndarray
+    touches_border: bool
+
+
+@dataclass
+class SegmentedImage:
+    """All cells of one image, with the whole-image mask (0/128/255)."""
+
+    kind: str
+    mask: np.ndarray
+    cells: list[Cell]
+
+
+def find_nuclei_groups(rgb: np.ndarray, config: FieldConfig | None = None) -> list[tuple[int, int, int, int]]:
+    """Boxes (x, y, w, h, full-image pixels) around each leukocyte's nucleus in a field image.
+
+    The image is searched at ``detection_side`` pixels on its shorter side; red cells are far
+    less saturated and less blue than leukocyte nuclei, so a threshold on the fixed-scale
+    nucleus score (at least ``nucleus_threshold``, Otsu above it) separates them; small specks
+    are dropped.
+    """
+    config = config or FieldConfig()
+    height, width = rgb.shape[:2]
+    scale = min(1.0, config.detection_side / min(height, width))
+    small = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
+                       interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    side = min(small.shape[:2])
+    score = cv2.GaussianBlur(absolute_nucleus_score(small), (0, 0), max(0.8, side * 0.003))
+    if score.max() < config.nucleus_threshold:
+        return []
+    nuclei = score > max(config.nucleus_threshold, _otsu(score))
+    nuclei = cv2.morphologyEx(nuclei.astype(np.uint8), cv2.MORPH_OPEN, _disc(int(side * 0.004)))
+    min_area = np.pi * (config.min_nucleus_diameter * side / 2) ** 2
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(nuclei, connectivity=8)
+    big = np.isin(labels, [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_area])
+    if not big.any():
+        return []
+    grouped = cv2.dilate(big.astype(np.uint8), _disc(int(config.lobe_gap * side / 2)))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
+    boxes = []
+    for i in range(1, count):
+        x, y, w, h = stats[i, :4]
+        boxes.append(tuple(int(round(v / scale)) for v in (x, y, w, h)))
+    return boxes
+
+
+def _crop_box(box: tuple[int, int, int, int], shape: tuple[int, int], crop_scale: float) -> tuple[tuple[int, int, int, int], bool]:
+    x, y, w, h = box
+    half = crop_scale * max(w, h) / 2
+    cx, cy = x + w / 2, y + h / 2
+    x0, y0, x1, y1 = int(cx - half), int(cy - half), int(np.ceil(cx + half)), int(np.ceil(cy + half))
+    height, width = shape
+    cut = x0 < 0 or y0 < 0 or x1 > width or y1 > height
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+    return (x0, y0, x1 - x0, y1 - y0), cut
+
+
+def segment_image(rgb: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], kind: str = "auto",
+                  config: FieldConfig | None = None) -> SegmentedImage:
+    """Segment a single-cell crop or every leukocyte of a field image.
+
+    ``segment`` maps a crop to its 0/128/255 mask (:func:`classical_segment` or
+    :meth:`LearnedSegmenter.segment`). ``kind`` is ``crop``, ``field`` or ``auto`` (a field
+    when the longer side is at least :data:`FIELD_MIN_SIDE` pixels). A field with no
+    leukocyte gives no cells and an empty mask.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise SegmentationError("expected an RGB uint8 image")
+    height, width = rgb.shape[:2]
+    if kind == "auto":
+        kind = "field" if max(height, width) >= FIELD_MIN_SIDE else "crop"
+    if kind == "crop":
+        mask = segment(rgb)
+        cells = [Cell((0, 0, width, height), rgb, mask, False)] if mask.any() else []
+        return SegmentedImage("crop", mask, cells)
+    config = config or FieldConfig()
+    field_mask = np.zeros((height, width), np.uint8)
+    cells = []
+    for box in find_nuclei_groups(rgb, config):
+        (x, y, w, h), cut = _crop_box(box, (height, width), config.crop_scale)
+        if min(w, h) < MIN_SIDE:
+            continue
+        crop = np.ascontiguousarray(rgb[y:y + h, x:x + w])
+        mask = segment(crop)
+        if not (mask == NUCLEUS).any():
+            continue
+        ys, xs = np.nonzero(mask)
+        touches = cut and (ys.min() == 0 or xs.min() == 0 or ys.max() == h - 1 or xs.max() == w - 1)
+        region = field_mask[y:y + h, x:x + w]
+        np.copyto(region, mask, where=(mask > region))
+        cells.append(Cell((x, y, w, h), crop, mask, bool(touches)))
+    return SegmentedImage("field", field_mask, cells)
+
+
+def make_segmenter(method: str = "auto", model_id: str | None = None,
+                   device: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A crop -> mask function. ``auto`` takes the learned segmenter when one is installed
+    (it is the better one on validation, see the README) and the classical one otherwise."""
+    from leuko.modelstore import ModelNotFoundError
+
+    if method == "classical":
+        return classical_segment
+    try:
+        return LearnedSegmenter(model_id, device=device).segment
+    except ModelNotFoundError:
+        if method == "learned":
+            raise
+        return classical_segment
