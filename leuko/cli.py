@@ -190,6 +190,46 @@ def _evaluate_segmentation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from leuko.explain import Explainer, overlay, save_png, side_by_side
+    from leuko.predict import Predictor
+
+    predictor = Predictor(args.model, task=args.task, device=args.device)
+    out_dir = Path(args.out_dir)
+    done = 0
+    with Explainer(predictor) as explainer:
+        for path in find_images(args.paths):
+            try:
+                rgb = np.asarray(load_image(path))
+            except ImageError as exc:
+                print(f"skipped {exc}", file=sys.stderr)
+                continue
+            result = explainer.explain(rgb, args.class_id, args.method)
+            rendered = overlay(rgb, result.cam, args.colormap, args.opacity)
+            target = save_png(side_by_side(rgb, rendered), out_dir / f"{path.stem}_cam.png")
+            print(f"{path}: {result.method} for {result.class_id} (p = {result.probability:.3f}) -> {target}")
+            done += 1
+    return 0 if done else 1
+
+
+def _evaluate_cam(args: argparse.Namespace) -> int:
+    from leuko.data import read_manifest
+    from leuko.explain import faithfulness
+    from leuko.paths import default_data_root
+    from leuko.predict import Predictor
+    from leuko.segment import make_segmenter
+
+    predictor = Predictor(args.model, task=args.task, device=args.device)
+    samples = read_manifest(Path(args.data or default_data_root()) / "manifest.csv", predictor.task, args.split)
+    if args.limit:
+        samples = samples[:: max(1, len(samples) // args.limit)][: args.limit]
+    report = faithfulness(predictor, samples, make_segmenter("auto"), args.method)
+    print(json.dumps({"task": predictor.task.id, "model": predictor.card.id, "split": args.split, **report}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m leuko",
                                      description="Leuko: acute leukemia screening from blood smear images")
@@ -257,6 +297,29 @@ def build_parser() -> argparse.ArgumentParser:
     seg_eval.add_argument("--out", help="folder for the CSV tables")
     seg_eval.add_argument("--device")
     seg_eval.set_defaults(handler=_evaluate_segmentation)
+
+    explain = sub.add_parser("explain", help="CAM overlays: <stem>_cam.png beside the original")
+    explain.add_argument("--task", required=True, choices=tasks)
+    explain.add_argument("--model")
+    explain.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "xgradcam", "eigencam",
+                                                                  "layercam", "scorecam"])
+    explain.add_argument("--class", dest="class_id", help="class to explain (default: the predicted one)")
+    explain.add_argument("--colormap", default="jet", choices=["jet", "turbo", "inferno", "viridis"])
+    explain.add_argument("--opacity", type=float, default=0.45)
+    explain.add_argument("--out-dir", default="cams")
+    explain.add_argument("--device")
+    explain.add_argument("paths", nargs="+")
+    explain.set_defaults(handler=_explain)
+
+    cam_eval = sub.add_parser("evaluate-cam", help="CAM faithfulness: energy inside the cell, ROAD deletion/insertion")
+    cam_eval.add_argument("--task", required=True, choices=tasks)
+    cam_eval.add_argument("--model")
+    cam_eval.add_argument("--method", default="gradcam")
+    cam_eval.add_argument("--split", default="test")
+    cam_eval.add_argument("--limit", type=int, help="evaluate an evenly spread subset of this many images")
+    cam_eval.add_argument("--data")
+    cam_eval.add_argument("--device")
+    cam_eval.set_defaults(handler=_evaluate_cam)
 
     models = sub.add_parser("models", help="list installed models and check their integrity")
     models.add_argument("--task", choices=tasks)

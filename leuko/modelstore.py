@@ -31,6 +31,7 @@ from leuko.tasks import get_task
 
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 DEFAULTS_FILE = "defaults.json"
+SEGMENTATION_TASK = "segmentation"
 
 
 class ModelNotFoundError(LookupError):
@@ -156,8 +157,10 @@ class ModelStore:
 
     def default_id(self, task: str) -> str:
         """The default model of a task: the user's choice (``defaults.json`` in the first store),
-        else a card marked default, else the newest model of the task."""
-        get_task(task)
+        else a card marked default, else the newest model of the task. ``segmentation`` is the
+        task id of the segmenters."""
+        if task != SEGMENTATION_TASK:
+            get_task(task)
         choice_file = self.folders[0] / DEFAULTS_FILE
         if choice_file.is_file():
             try:

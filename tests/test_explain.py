@@ -1,0 +1,116 @@
+import gc
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leuko.cli import main
+from leuko.data import InputConfig
+from leuko.explain import Explainer, energy_inside, faithfulness, overlay, side_by_side
+from leuko.modelstore import ModelCard, ModelStore
+from leuko.nets import ARCHITECTURES, build_model
+from leuko.predict import Predictor
+from tests.conftest import synthetic_cell
+
+
+def _predictor(tmp_path, arch="efficientnet_lite0", size=64) -> Predictor:
+    store = ModelStore([tmp_path / "models"])
+    card = ModelCard(id=f"m-{arch}", task="all_binary", classes=["ALL", "normal"], arch=arch,
+                     input=InputConfig(input_size=size).to_dict(), temperature=1.5)
+    store.save(build_model(arch, 2), card)
+    return Predictor(card.id, store=store)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "mseenet", "seed003_alexnet", "seed004_squeezenet"])
+def test_cam_has_image_shape_and_unit_range(tmp_path, arch):
+    predictor = _predictor(tmp_path, arch, 96)
+    image = synthetic_cell(0, 80)
+    with Explainer(predictor) as explainer:
+        result = explainer.explain(image)
+    assert result.cam.shape == (80, 80) and 0.0 <= result.cam.min() and result.cam.max() <= 1.0
+    assert result.class_id == predictor.predict_one(image).label
+    assert result.probability == pytest.approx(predictor.predict_one(image).confidence, abs=1e-5)
+
+
+def test_every_method_and_the_class_override(tmp_path):
+    predictor = _predictor(tmp_path)
+    image = synthetic_cell(1, 64)
+    with Explainer(predictor) as explainer:
+        for method in ("gradcam", "gradcam++", "xgradcam", "eigencam", "layercam"):
+            assert explainer.explain(image, method=method).cam.shape == (64, 64)
+        predicted = explainer.explain(image)
+        other = "normal" if predicted.class_id == "ALL" else "ALL"
+        forced = explainer.explain(image, class_id=other)
+        assert forced.class_id == other and forced.probability == pytest.approx(1 - predicted.probability, abs=1e-5)
+        with pytest.raises(ValueError, match="not a class"):
+            explainer.explain(image, class_id="blast")
+        with pytest.raises(ValueError, match="unknown CAM method"):
+            explainer.explain(image, method="magic")
+    assert explainer._cams == {}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096 / 2**20
+
+
+def test_memory_does_not_grow_over_200_explanations(tmp_path):
+    predictor = _predictor(tmp_path, size=32)
+    images = [synthetic_cell(k % 2, 32, seed=k) for k in range(4)]
+    hooks_before = len(predictor.network.backbone._forward_hooks)
+    with Explainer(predictor) as explainer:
+        for k in range(20):
+            explainer.explain(images[k % 4])
+        gc.collect()
+        start = _rss_mb()
+        for k in range(200):
+            explainer.explain(images[k % 4])
+        gc.collect()
+        growth = _rss_mb() - start
+        assert len(explainer._cams) == 1
+    assert growth < 25, f"resident memory grew by {growth:.1f} MB over 200 explanations"
+    assert len(predictor.network.backbone._forward_hooks) == hooks_before
+
+
+def test_overlay_rendering_and_energy_share():
+    rgb = synthetic_cell(0, 60)
+    cam = np.zeros((60, 60), np.float32)
+    cam[20:40, 20:40] = 1.0
+    mask = np.zeros((60, 60), np.uint8)
+    mask[10:50, 10:50] = 128
+    rendered = overlay(rgb, cam, "turbo", 0.5, contour_mask=mask)
+    assert rendered.shape == rgb.shape and rendered.dtype == np.uint8
+    assert not np.array_equal(overlay(rgb, cam, opacity=0.2), overlay(rgb, cam, opacity=0.8))
+    assert side_by_side(rgb, rendered).shape == (60, 124, 3)
+    assert energy_inside(cam, mask) == 1.0 and energy_inside(cam, np.zeros_like(mask)) == 0.0
+    with pytest.raises(ValueError):
+        overlay(rgb, cam, opacity=2)
+
+
+def test_faithfulness_report_has_cam_and_random_figures(tmp_path):
+    from leuko.data import Sample
+    paths = []
+    for k in range(4):
+        path = tmp_path / f"{k}.png"
+        Image.fromarray(synthetic_cell(k % 2, 64, seed=k)).save(path)
+        paths.append(Sample(path, k % 2))
+    predictor = _predictor(tmp_path, size=96)
+    report = faithfulness(predictor, paths, segment=lambda rgb: np.full(rgb.shape[:2], 128, np.uint8),
+                          percentiles=(50,))
+    assert report["images"] == 4 and report["energy_inside_cell"] == pytest.approx(1.0)
+    assert {"deletion", "deletion_random", "insertion", "insertion_random"} <= set(report)
+
+
+def test_explain_command_writes_cam_pngs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEUKO_HOME", str(tmp_path))
+    _predictor(tmp_path)
+    Image.fromarray(synthetic_cell(0, 64)).save(tmp_path / "cell.png")
+    (tmp_path / "broken.png").write_text("x")
+    assert main(["explain", "--task", "all_binary", "--model", "m-efficientnet_lite0", "--method", "gradcam++",
+                 "--out-dir", str(tmp_path / "cams"), str(tmp_path / "cell.png"), str(tmp_path / "broken.png")]) == 0
+    written = Image.open(tmp_path / "cams" / "cell_cam.png")
+    assert written.size == (64 * 2 + 4, 64)
+
+
+def test_every_architecture_declares_a_target_layer():
+    assert all(spec.target_layer for spec in ARCHITECTURES.values())
