@@ -190,6 +190,23 @@ def _evaluate_segmentation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_segmenter(args: argparse.Namespace) -> int:
+    from leuko.paths import SHIPPED_MODELS
+    from leuko.progress import TerminalProgress
+    from leuko.segtrain import SegTrainConfig, train_segmenter
+
+    config = SegTrainConfig(**{k: v for k, v in {"epochs": args.epochs, "input_size": args.input_size,
+                                                 "model_id": args.model_id, "data_root": args.data,
+                                                 "num_workers": args.workers}.items() if v is not None})
+    card = train_segmenter(config, [TerminalProgress()], folder=SHIPPED_MODELS if args.ship else None,
+                           make_default=args.default)
+    print(f"registered segmenter {card.id} ({card.training_time_s / 60:.1f} min)")
+    for split, rows in card.metrics.items():
+        print(f"{split}: " + "; ".join(f"{r['dataset']} nucleus {r['nucleus_dice']:.3f} cytoplasm "
+                                      f"{r['cytoplasm_dice']:.3f} cell {r['cell_dice']:.3f}" for r in rows))
+    return 0
+
+
 def _explain(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -227,6 +244,22 @@ def _evaluate_cam(args: argparse.Namespace) -> int:
         samples = samples[:: max(1, len(samples) // args.limit)][: args.limit]
     report = faithfulness(predictor, samples, make_segmenter("auto"), args.method)
     print(json.dumps({"task": predictor.task.id, "model": predictor.card.id, "split": args.split, **report}, indent=2))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from leuko.bench import format_rows, run_benchmarks, training_throughput
+    from leuko.device import describe_device, pick_device
+
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        print(f"\n{describe_device(pick_device(device))}, torch {torch.__version__}")
+        rows = run_benchmarks(device, args.repeats)
+        if not args.skip_training:
+            rows.append(training_throughput(device=device))
+        print(format_rows(rows))
     return 0
 
 
@@ -298,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg_eval.add_argument("--device")
     seg_eval.set_defaults(handler=_evaluate_segmentation)
 
+    seg_train = sub.add_parser("train-segmenter", help="train and register the U-Net segmenter on the shared masks")
+    seg_train.add_argument("--epochs", type=int)
+    seg_train.add_argument("--input-size", type=int)
+    seg_train.add_argument("--model-id")
+    seg_train.add_argument("--data")
+    seg_train.add_argument("--workers", type=int)
+    seg_train.add_argument("--ship", action="store_true", help="register into the repository's models/")
+    seg_train.add_argument("--default", action="store_true", help="mark it as the default segmenter")
+    seg_train.set_defaults(handler=_train_segmenter)
+
     explain = sub.add_parser("explain", help="CAM overlays: <stem>_cam.png beside the original")
     explain.add_argument("--task", required=True, choices=tasks)
     explain.add_argument("--model")
@@ -320,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     cam_eval.add_argument("--data")
     cam_eval.add_argument("--device")
     cam_eval.set_defaults(handler=_evaluate_cam)
+
+    bench = sub.add_parser("bench", help="latency and throughput against a naive reference, same run")
+    bench.add_argument("--device", help="cpu or cuda (default: the CPU, and CUDA when present)")
+    bench.add_argument("--repeats", type=int, default=20)
+    bench.add_argument("--skip-training", action="store_true")
+    bench.set_defaults(handler=_bench)
 
     models = sub.add_parser("models", help="list installed models and check their integrity")
     models.add_argument("--task", choices=tasks)

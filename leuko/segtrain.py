@@ -140,7 +140,7 @@ def evaluate_masks(segment: Callable[[np.ndarray], np.ndarray], samples: Sequenc
 
 
 def train_segmenter(config: SegTrainConfig, callbacks: Iterable[Callback] = (), store: ModelStore | None = None,
-                    folder: Path | None = None) -> ModelCard:
+                    folder: Path | None = None, make_default: bool = False) -> ModelCard:
     """Train the U-Net on the train masks, keep the best mean foreground Dice on val, and
     register it (fp16 safetensors + card with val and test Dice/IoU per dataset)."""
     from leuko.segment import LearnedSegmenter
@@ -196,7 +196,7 @@ def train_segmenter(config: SegTrainConfig, callbacks: Iterable[Callback] = (), 
                             "interpolation": "bilinear", "preprocess": {}},
                      training={**asdict(config), "history": history},
                      training_time_s=round(time.perf_counter() - started, 1), hardware=hardware_description(),
-                     pretrained_source=network.pretrained_source,
+                     pretrained_source=network.pretrained_source, default=make_default,
                      intended_use="Nucleus/cytoplasm masks of single leukocyte crops for morphometrics and overlays.",
                      limitations="Trained on ALL-IDB2 and two small WBC sets (Zheng et al. 2018); masks of cells from "
                                  "other stains or magnifications must be checked by eye.")

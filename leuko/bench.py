@@ -1,0 +1,219 @@
+"""Benchmarks: latency and throughput of the pipeline, each beside a naive reference measured
+in the same run and beside the model's compute-bound limit.
+
+The machines are shared and absolute times drift, so every figure is read as a ratio to a
+reference measured moments before in the same process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms import functional as TF
+
+from leuko.device import pick_device
+from leuko.explain import Explainer
+from leuko.modelstore import ModelNotFoundError, ModelStore
+from leuko.morphometrics import measure_cell
+from leuko.predict import Predictor
+from leuko.segment import make_segmenter, segment_image
+from leuko.tasks import TASKS
+
+
+@dataclass
+class BenchRow:
+    """One measured figure: ``value`` in ``unit`` for leuko and for the naive reference."""
+
+    name: str
+    unit: str
+    value: float
+    reference: float | None = None
+    bound: float | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        if self.reference is None:
+            return None
+        return self.reference / self.value if self.unit == "ms" else self.value / self.reference
+
+
+def timed(function: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall-clock milliseconds of ``function`` over ``repeats`` calls after warm-up."""
+    for _ in range(warmup):
+        function()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        samples.append(1000 * (time.perf_counter() - start))
+    return statistics.median(samples)
+
+
+def matmul_flops_per_second(device: torch.device, size: int = 1024, repeats: int = 10) -> float:
+    """Measured float32 matrix-multiply throughput (FLOP/s): the machine's compute ceiling."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    milliseconds = timed(lambda: torch.mm(a, b), repeats)
+    return 2 * size ** 3 / (milliseconds / 1000)
+
+
+def model_flops(network: torch.nn.Module, size: int, device: torch.device) -> float:
+    """Forward-pass FLOPs of one image (PyTorch's FLOP counter: convolutions and matmuls)."""
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        network(torch.randn(1, 3, size, size, device=device))
+    return float(counter.get_total_flops())
+
+
+class NaiveClassifier:
+    """The straightforward reference: a plain timm/torch forward per image under ``no_grad``,
+    PIL resizing and normalisation, no batching, a new CAM object on every explanation."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.network = predictor.network
+        config = predictor.card.input_config
+        self.size, self.mean, self.std = config.input_size, list(config.mean), list(config.std)
+
+    def tensor(self, image: Image.Image) -> torch.Tensor:
+        resized = image.resize((self.size, self.size), Image.BICUBIC)
+        return TF.normalize(TF.to_tensor(resized), self.mean, self.std)[None].to(self.predictor.device)
+
+    def predict(self, image: Image.Image) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(self.network(self.tensor(image)), 1).cpu().numpy()
+
+    def explain(self, image: Image.Image) -> np.ndarray:
+        from pytorch_grad_cam import GradCAM
+
+        from leuko.nets import get_arch, resolve_target_layer
+
+        for parameter in self.network.parameters():
+            parameter.requires_grad_(True)
+        layer = resolve_target_layer(self.network, get_arch(self.network.arch).target_layer)
+        with GradCAM(model=self.network, target_layers=[layer]) as cam:
+            return cam(input_tensor=self.tensor(image), targets=None)
+
+
+def sample_crop(size: int = 257) -> Image.Image:
+    """A stained-cell-like test crop (no dataset image is needed to run the benchmark)."""
+    yy, xx = np.mgrid[:size, :size]
+    rgb = np.empty((size, size, 3), np.uint8)
+    rgb[...] = (236, 214, 220)
+    distance = np.hypot(yy - size / 2, xx - size / 2)
+    rgb[distance < size * 0.3] = (196, 188, 228)
+    rgb[distance < size * 0.18] = (105, 45, 150)
+    return Image.fromarray(rgb)
+
+
+def sample_field(cells: int = 10, width: int = 1712, height: int = 1368, seed: int = 0) -> np.ndarray:
+    """A 1712x1368 field (ALL-IDB1's frame size) with red cells and ``cells`` leukocytes."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    field = np.full((height, width, 3), (236, 214, 220), np.uint8)
+    for _ in range(300):
+        cv2.circle(field, tuple(int(v) for v in rng.integers(0, [width, height])), 38, (226, 150, 160), -1)
+    for k in range(cells):
+        x, y = 150 + (k % 5) * 340, 350 + (k // 5) * 650
+        cv2.circle(field, (x, y), 90, (196, 188, 228), -1)
+        cv2.circle(field, (x, y), 55, (105, 45, 150), -1)
+    return field
+
+
+def run_benchmarks(device: str | None = None, repeats: int = 20) -> list[BenchRow]:
+    """Every benchmark on one device; rows for tasks without an installed model are skipped."""
+    target = pick_device(device)
+    flops_per_second = matmul_flops_per_second(target)
+    rows = [BenchRow("matmul throughput", "GFLOP/s", flops_per_second / 1e9)]
+    crop = sample_crop()
+    crop_rgb = np.asarray(crop)
+    segment = make_segmenter("auto", device=str(target))
+    for task in TASKS:
+        try:
+            predictor = Predictor(task=task, device=str(target))
+        except ModelNotFoundError:
+            continue
+        naive = NaiveClassifier(predictor)
+        size = predictor.card.input_config.input_size
+        bound = model_flops(predictor.network, size, target) / flops_per_second * 1000
+        rows.append(BenchRow(f"{task}: predict, batch 1", "ms", timed(lambda: predictor.predict([crop]), repeats),
+                             timed(lambda: naive.predict(crop), repeats), bound))
+        batch = [crop] * 64
+        batch_ms = timed(lambda: predictor.predict(batch, batch_size=64), max(3, repeats // 5), 1)
+        naive_ms = timed(lambda: [naive.predict(crop) for _ in batch], max(3, repeats // 5), 1)
+        rows.append(BenchRow(f"{task}: batch throughput", "images/s", 64000 / batch_ms, 64000 / naive_ms,
+                             1000 / bound))
+        with Explainer(predictor) as explainer:
+            rows.append(BenchRow(f"{task}: predict + Grad-CAM", "ms", timed(lambda: explainer.explain(crop), repeats),
+                                 timed(lambda: (naive.predict(crop), naive.explain(crop)), repeats), 2 * bound))
+
+            def full_crop() -> None:
+                explainer.explain(crop_rgb)
+                mask = segment(crop_rgb)
+                measure_cell(mask, crop_rgb)
+
+            rows.append(BenchRow(f"{task}: full crop analysis", "ms", timed(full_crop, repeats)))
+            field = sample_field()
+
+            def full_field() -> None:
+                result = segment_image(field, segment, "field")
+                cells = [cell.crop for cell in result.cells]
+                predictor.predict(cells)
+                for cell in result.cells:
+                    explainer.explain(cell.crop)
+                    measure_cell(cell.mask, cell.crop)
+
+            rows.append(BenchRow(f"{task}: field 1712x1368, 10 cells", "ms", timed(full_field, 3, 1)))
+    return rows
+
+
+def training_throughput(arch: str = "efficientnet_lite0", size: int = 192, batch: int = 32,
+                        freeze_stages: int = 2, device: str | None = None) -> BenchRow:
+    """Training images/s with leuko's settings (channels-last, frozen early stages) against a
+    plain timm training step on the same architecture and input size."""
+    from leuko.nets import build_model
+
+    target = pick_device(device)
+    images, labels = torch.randn(batch, 3, size, size, device=target), torch.randint(0, 2, (batch,), device=target)
+
+    def step_time(network: torch.nn.Module, channels_last: bool) -> float:
+        network.train()
+        optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad])
+        x = images.to(memory_format=torch.channels_last) if channels_last else images
+
+        def step() -> None:
+            loss = torch.nn.functional.cross_entropy(network(x), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return timed(step, 3, 1)
+
+    ours = build_model(arch, 2).to(target)
+    ours.freeze_early_stages(freeze_stages)
+    ours = ours.to(memory_format=torch.channels_last)
+    plain = timm.create_model("tf_efficientnet_lite0", num_classes=2).to(target)
+    return BenchRow(f"training {arch} at {size} px", "images/s", batch * 1000 / step_time(ours, True),
+                    batch * 1000 / step_time(plain, False))
+
+
+def format_rows(rows: list[BenchRow]) -> str:
+    """A fixed-width table and a closing line summarising the speed-ups over the reference."""
+    lines = [f"{'benchmark':<44}{'leuko':>12}{'naive':>12}{'speed-up':>10}{'bound':>12}  unit"]
+    for row in rows:
+        reference = f"{row.reference:12.1f}" if row.reference is not None else f"{'-':>12}"
+        speedup = f"{row.speedup:9.2f}x" if row.speedup is not None else f"{'-':>10}"
+        bound = f"{row.bound:12.1f}" if row.bound is not None else f"{'-':>12}"
+        lines.append(f"{row.name:<44}{row.value:12.1f}{reference}{speedup}{bound}  {row.unit}")
+    ratios = [row.speedup for row in rows if row.speedup]
+    if ratios:
+        lines.append(f"summary: {len(ratios)} comparisons, speed-up over the naive reference "
+                     f"{min(ratios):.2f}x to {max(ratios):.2f}x (geometric mean "
+                     f"{float(np.exp(np.mean(np.log(ratios)))):.2f}x)")
+    return "\n".join(lines)

@@ -1,0 +1,18 @@
+import torch
+
+from leuko.bench import BenchRow, format_rows, model_flops, timed
+from leuko.nets import build_model
+
+
+def test_rows_read_as_speed_ups_over_the_reference():
+    rows = [BenchRow("predict", "ms", 10.0, 30.0, 5.0), BenchRow("batch", "images/s", 200.0, 50.0)]
+    assert rows[0].speedup == 3.0 and rows[1].speedup == 4.0
+    table = format_rows(rows)
+    assert "3.00x" in table and "4.00x" in table
+    assert table.splitlines()[-1].startswith("summary: 2 comparisons")
+
+
+def test_timing_and_flop_counting():
+    assert timed(lambda: sum(range(1000)), repeats=3, warmup=1) >= 0.0
+    flops = model_flops(build_model("efficientnet_lite0", 2).eval(), 224, torch.device("cpu"))
+    assert 0.7e9 < flops < 1.0e9
