@@ -22,6 +22,8 @@ class TrainConfig:
     ``freeze_epochs`` trains the head alone first (phase one), then everything with the
     learning rate times ``finetune_lr_factor`` (phase two); ``freeze_stages`` keeps the stem
     and that many early backbone stages frozen throughout (a large CPU speed-up).
+    ``scheduler`` is ``plateau`` (the seeds' reduce-on-plateau on validation loss) or
+    ``cosine`` (cosine decay over each phase's epochs, better suited to short CPU runs).
     ``channels_last`` uses the NHWC memory layout (faster on CUDA and, measured, on the CPU). ``stain_jitter`` is the strength
     of stain-space colour augmentation (0 = off, 0.05-0.1 typical). ``extra_train`` adds
     relabelled training images from another task of the same manifest, each entry
@@ -55,6 +57,7 @@ class TrainConfig:
     freeze_epochs: int | None = None
     freeze_stages: int = 0
     finetune_lr_factor: float = 0.1
+    scheduler: str = "plateau"
     plateau_patience: int = 5
     plateau_factor: float = 0.5
     early_stopping_patience: int = 10
@@ -75,6 +78,8 @@ class TrainConfig:
             self.preprocess = PreprocessConfig(**self.preprocess)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.scheduler not in ("plateau", "cosine"):
+            raise ValueError(f"scheduler must be plateau or cosine, not {self.scheduler!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
 

@@ -250,8 +250,13 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
         network.freeze_backbone(phase == 1 and bool(config.freeze_epochs))
         lr = config.lr if phase == 1 or not config.freeze_epochs else config.lr * config.finetune_lr_factor
         optimizer = make_optimizer(config, network.parameters(), lr)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
+        if config.scheduler == "cosine":
+            last = config.freeze_epochs if phase == 1 and config.freeze_epochs else config.epochs
+            first = 1 if phase == 1 or not config.freeze_epochs else config.freeze_epochs + 1
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, last - first + 1))
+        else:
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=config.plateau_factor, patience=config.plateau_patience)
         return optimizer, scheduler
 
     result = TrainResult(network=network, config=config, input_config=input_config, run_dir=run_dir, rank=rank)
@@ -314,10 +319,14 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
         val_logits, val_labels = collect_logits(network, val_loader, device)
         val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
         val_accuracy = float((val_logits.argmax(1) == val_labels).mean())
-        scheduler.step(val_loss)
+        current_lr = float(optimizer.param_groups[0]["lr"])
+        if config.scheduler == "plateau":
+            scheduler.step(val_loss)
+        else:
+            scheduler.step()
         elapsed = time.perf_counter() - started
         row = {"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss,
-               "val_accuracy": val_accuracy, "lr": float(optimizer.param_groups[0]["lr"]),
+               "val_accuracy": val_accuracy, "lr": current_lr,
                "elapsed_s": elapsed}
         result.history.append(row)
         if val_loss < result.best_val_loss - 1e-6:

@@ -75,3 +75,9 @@ def test_recipe_defaults_come_from_the_architecture(binary_folder):
         TrainConfig(task="all_binary", optimizer="sgdx")
     with pytest.raises(ValueError, match="unknown training setting"):
         TrainConfig.from_dict({"task": "all_binary", "epoks": 3})
+
+
+def test_cosine_schedule_decays_to_zero_over_the_run(binary_folder, tmp_path):
+    result = train_model(_config(binary_folder, tmp_path, epochs=3, scheduler="cosine", max_steps_per_epoch=1))
+    rates = [row["lr"] for row in result.history]
+    assert rates[0] == pytest.approx(3e-3) and rates[0] > rates[1] > rates[2] > 0
