@@ -1,0 +1,249 @@
+"""Complete blood count (CBC) and clinical values: schema, units, validation, reference
+ranges by age band and sex, and flags.
+
+Reference intervals are approximate consensus values; laboratories must substitute their
+own. Sources:
+- Haemoglobin lower limits (anaemia): WHO, *Haemoglobin concentrations for the diagnosis of
+  anaemia and assessment of severity*, WHO/NMH/NHD/MNM/11.1 (2011): 11.0 g/dL at 6-59
+  months, 11.5 at 5-11 years, 12.0 at 12-14 years and for non-pregnant women, 13.0 for men.
+- Adult intervals (WBC 4.0-11.0, neutrophils 2.0-7.0, lymphocytes 1.0-3.0 x10^9/L,
+  platelets 150-410 x10^9/L, RBC, haematocrit, MCV): Bain, Bates and Laffan, *Dacie and Lewis
+  Practical Haematology*, 12th ed. (2017), chapter 2 (normal ranges).
+- Paediatric intervals (WBC, lymphocytes, neutrophils, MCV by age): *The Harriet Lane
+  Handbook*, 22nd ed. (2020), haematology chapter, age-specific blood cell values.
+- LDH: adult 140-280 U/L, higher in children (method-dependent; check the local assay).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+Sex = Literal["female", "male"]
+
+
+class ClinicalValueError(ValueError):
+    """An impossible value; ``field`` names it and the message gives the accepted range."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class ClinicalValues:
+    """Clinical and CBC values; every field is optional (``None`` when not measured).
+
+    Units: age in years; WBC, platelets, lymphocytes_abs and neutrophils_abs in x10^9/L;
+    RBC in x10^12/L; hemoglobin in g/dL; hematocrit and the percentages in %; MCV in fL;
+    LDH in U/L.
+    """
+
+    age: float | None = None
+    sex: Sex | None = None
+    wbc: float | None = None
+    rbc: float | None = None
+    hemoglobin: float | None = None
+    hematocrit: float | None = None
+    mcv: float | None = None
+    platelets: float | None = None
+    lymphocytes_pct: float | None = None
+    lymphocytes_abs: float | None = None
+    neutrophils_abs: float | None = None
+    blasts_pct: float | None = None
+    ldh: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def present(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+UNITS = {"age": "years", "wbc": "x10^9/L", "rbc": "x10^12/L", "hemoglobin": "g/dL", "hematocrit": "%",
+         "mcv": "fL", "platelets": "x10^9/L", "lymphocytes_pct": "%", "lymphocytes_abs": "x10^9/L",
+         "neutrophils_abs": "x10^9/L", "blasts_pct": "%", "ldh": "U/L"}
+
+LABELS = {"age": "Age", "sex": "Sex", "wbc": "WBC", "rbc": "RBC", "hemoglobin": "Hemoglobin",
+          "hematocrit": "Hematocrit", "mcv": "MCV", "platelets": "Platelets",
+          "lymphocytes_pct": "Lymphocytes %", "lymphocytes_abs": "Lymphocytes (absolute)",
+          "neutrophils_abs": "Neutrophils (absolute)", "blasts_pct": "Peripheral blasts %", "ldh": "LDH"}
+
+POSSIBLE = {"age": (0.0, 120.0), "wbc": (0.0, 1000.0), "rbc": (0.0, 10.0), "hemoglobin": (0.0, 25.0),
+            "hematocrit": (0.0, 80.0), "mcv": (40.0, 160.0), "platelets": (0.0, 5000.0),
+            "lymphocytes_pct": (0.0, 100.0), "lymphocytes_abs": (0.0, 1000.0), "neutrophils_abs": (0.0, 1000.0),
+            "blasts_pct": (0.0, 100.0), "ldh": (0.0, 50000.0)}
+"""Physiologically possible limits: values outside are data-entry errors, not disease
+(a WBC of several hundred x10^9/L does occur in hyperleukocytic leukemia)."""
+
+CONVERSIONS: dict[str, dict[str, float]] = {
+    "hemoglobin": {"g/dL": 1.0, "g/L": 0.1, "mmol/L": 1.611},
+    "wbc": {"x10^9/L": 1.0, "/uL": 1e-3, "x10^3/uL": 1.0},
+    "platelets": {"x10^9/L": 1.0, "/uL": 1e-3, "x10^3/uL": 1.0},
+    "lymphocytes_abs": {"x10^9/L": 1.0, "/uL": 1e-3, "x10^3/uL": 1.0},
+    "neutrophils_abs": {"x10^9/L": 1.0, "/uL": 1e-3, "x10^3/uL": 1.0},
+    "rbc": {"x10^12/L": 1.0, "/uL": 1e-6, "x10^6/uL": 1.0},
+    "hematocrit": {"%": 1.0, "L/L": 100.0},
+}
+"""Multipliers from alternative units to the schema's units (1 g/dL = 0.6206 mmol/L of
+haemoglobin monomer; 1 x10^9/L = 1000 per microlitre)."""
+
+
+def convert(field: str, value: float, unit: str) -> float:
+    """Convert ``value`` of ``field`` from ``unit`` to the schema's unit."""
+    table = CONVERSIONS.get(field, {UNITS.get(field, ""): 1.0})
+    if unit not in table:
+        raise ClinicalValueError(field, f"unit {unit!r} is not supported; use one of {', '.join(table)}")
+    return value * table[unit]
+
+
+def validate(values: ClinicalValues) -> ClinicalValues:
+    """Refuse impossible values with a message naming the field and the accepted range.
+
+    Checks: numbers are finite and within :data:`POSSIBLE`; sex is female or male; the
+    absolute lymphocyte and neutrophil counts together do not exceed the WBC (5% slack
+    for rounding); lymphocyte and blast percentages together do not exceed 100%.
+    """
+    for item in fields(ClinicalValues):
+        value = getattr(values, item.name)
+        if value is None:
+            continue
+        if item.name == "sex":
+            if value not in ("female", "male"):
+                raise ClinicalValueError("sex", f"{value!r} is not accepted; use female or male (or leave empty)")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ClinicalValueError(item.name, f"{value!r} is not a number")
+        low, high = POSSIBLE[item.name]
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ClinicalValueError(item.name, f"{value} {UNITS[item.name]} is impossible; accepted range is "
+                                                f"{low:g}-{high:g} {UNITS[item.name]}")
+    if values.lymphocytes_pct is not None and values.blasts_pct is not None \
+            and values.lymphocytes_pct + values.blasts_pct > 100.0:
+        raise ClinicalValueError("lymphocytes_pct", f"lymphocytes {values.lymphocytes_pct}% and blasts "
+                                                    f"{values.blasts_pct}% sum past 100%")
+    absolute = sum(v for v in (values.lymphocytes_abs, values.neutrophils_abs) if v is not None)
+    if values.wbc is not None and absolute > values.wbc * 1.05 + 0.05:
+        raise ClinicalValueError("lymphocytes_abs", f"lymphocyte and neutrophil counts ({absolute:g} x10^9/L) "
+                                                    f"exceed the WBC ({values.wbc:g} x10^9/L)")
+    return values
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+
+
+AGE_BANDS = ((0.0, 1.0, "infant"), (1.0, 6.0, "1-5 y"), (6.0, 12.0, "6-11 y"), (12.0, 18.0, "12-17 y"),
+             (18.0, 200.0, "adult"))
+
+REFERENCE: dict[str, dict[str, Range]] = {
+    "wbc": {"infant": Range(6.0, 17.5), "1-5 y": Range(5.5, 15.5), "6-11 y": Range(4.5, 13.5),
+            "12-17 y": Range(4.5, 11.0), "adult": Range(4.0, 11.0)},
+    "lymphocytes_abs": {"infant": Range(4.0, 13.5), "1-5 y": Range(2.0, 8.0), "6-11 y": Range(1.5, 6.5),
+                        "12-17 y": Range(1.2, 5.2), "adult": Range(1.0, 3.0)},
+    "neutrophils_abs": {"infant": Range(1.0, 8.5), "1-5 y": Range(1.5, 8.5), "6-11 y": Range(1.5, 8.0),
+                        "12-17 y": Range(1.8, 8.0), "adult": Range(2.0, 7.0)},
+    "platelets": {band: Range(150.0, 450.0) for band in ("infant", "1-5 y", "6-11 y", "12-17 y")}
+    | {"adult": Range(150.0, 410.0)},
+    "mcv": {"infant": Range(70.0, 86.0), "1-5 y": Range(70.0, 86.0), "6-11 y": Range(77.0, 95.0),
+            "12-17 y": Range(78.0, 98.0), "adult": Range(83.0, 101.0)},
+    "ldh": {band: Range(140.0, 400.0) for band in ("infant", "1-5 y", "6-11 y", "12-17 y")}
+    | {"adult": Range(140.0, 280.0)},
+    "blasts_pct": {band: Range(0.0, 0.0) for band in ("infant", "1-5 y", "6-11 y", "12-17 y", "adult")},
+}
+
+HEMOGLOBIN = {"infant": Range(10.5, 14.0), "1-5 y": Range(11.0, 14.0), "6-11 y": Range(11.5, 15.5),
+              "12-17 y": Range(12.0, 16.0), "adult female": Range(12.0, 16.0), "adult male": Range(13.0, 17.0)}
+HEMATOCRIT = {"child": Range(33.0, 45.0), "adult female": Range(36.0, 46.0), "adult male": Range(40.0, 50.0)}
+RBC = {"child": Range(3.9, 5.3), "adult female": Range(3.8, 4.8), "adult male": Range(4.5, 5.5)}
+
+
+def age_band(age: float | None) -> str:
+    """The reference band of an age in years; adults when the age is unknown."""
+    if age is None:
+        return "adult"
+    return next(name for low, high, name in AGE_BANDS if low <= age < high)
+
+
+def reference_range(field: str, age: float | None = None, sex: Sex | None = None) -> Range | None:
+    """The reference interval of ``field`` for the age band and sex; ``None`` if none applies.
+
+    For sex-dependent adult values with the sex unknown, the female lower and male upper
+    limits are combined, so no value is flagged merely because the sex is missing.
+    """
+    band = age_band(age)
+    if field in REFERENCE:
+        return REFERENCE[field][band]
+    table = {"hemoglobin": HEMOGLOBIN, "hematocrit": HEMATOCRIT, "rbc": RBC}.get(field)
+    if table is None:
+        return None
+    if band != "adult":
+        return table.get(band, table.get("child"))
+    if sex is None:
+        return Range(table["adult female"].low, table["adult male"].high)
+    return table[f"adult {sex}"]
+
+
+@dataclass(frozen=True)
+class Flag:
+    """An abnormal finding: its name, the value and reference range, and what it means."""
+
+    name: str
+    field: str | None
+    value: float | None
+    range: Range | None
+    meaning: str
+
+    def describe(self) -> str:
+        if self.value is None or self.range is None:
+            return f"{self.name}: {self.meaning}"
+        unit = UNITS.get(self.field or "", "")
+        return (f"{self.name}: {self.value:g} {unit} (reference {self.range.low:g}-{self.range.high:g} {unit}). "
+                f"{self.meaning}")
+
+
+MEANINGS = {
+    "leukocytosis": "Raised white cell count: infection, inflammation, or a leukemic process.",
+    "leukopenia": "Low white cell count: marrow failure or infiltration, infection or drugs.",
+    "anemia": "Low hemoglobin: reduced oxygen-carrying capacity; in leukemia, marrow replacement.",
+    "thrombocytopenia": "Low platelets: bleeding risk; in leukemia, marrow replacement.",
+    "neutropenia": "Low neutrophils: infection risk; suggests marrow failure or infiltration.",
+    "lymphocytosis": "Raised lymphocytes: viral infection, or a lymphoproliferative disorder.",
+    "circulating blasts": "Blasts in peripheral blood are never normal: an acute leukemia must be excluded.",
+    "bicytopenia": "Two lineages low: suspect marrow failure or infiltration; a marrow examination may be needed.",
+    "pancytopenia": "All three lineages low: marrow failure or infiltration (acute leukemia among the causes).",
+}
+
+
+def flags(values: ClinicalValues) -> list[Flag]:
+    """Validate, then list every abnormal finding with its value, range and meaning."""
+    validate(values)
+    found: list[Flag] = []
+
+    def check(field: str, low_name: str | None, high_name: str | None) -> None:
+        value = getattr(values, field)
+        reference = reference_range(field, values.age, values.sex)
+        if value is None or reference is None:
+            return
+        if low_name and value < reference.low:
+            found.append(Flag(low_name, field, value, reference, MEANINGS[low_name]))
+        if high_name and value > reference.high:
+            found.append(Flag(high_name, field, value, reference, MEANINGS[high_name]))
+
+    check("wbc", "leukopenia", "leukocytosis")
+    check("hemoglobin", "anemia", None)
+    check("platelets", "thrombocytopenia", None)
+    check("neutrophils_abs", "neutropenia", None)
+    check("lymphocytes_abs", None, "lymphocytosis")
+    check("blasts_pct", None, "circulating blasts")
+    names = {f.name for f in found}
+    low_lineages = [("anemia" in names), ("thrombocytopenia" in names),
+                    ("neutropenia" in names or "leukopenia" in names)]
+    if all(low_lineages):
+        found.append(Flag("pancytopenia", None, None, None, MEANINGS["pancytopenia"]))
+    elif sum(low_lineages) == 2:
+        found.append(Flag("bicytopenia", None, None, None, MEANINGS["bicytopenia"]))
+    return found
