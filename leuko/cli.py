@@ -56,7 +56,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         manifest = Path(args.data or default_data_root()) / "manifest.csv"
         samples = read_manifest(manifest, task, args.split, args.datasets)
-    report = evaluate(loaded, samples, args.device)
+    seed = loaded.card.training.get("simulated_clinical_seed")
+    if seed is not None:
+        from leuko.cohort import SIMULATED_NOTICE, attach_simulated
+
+        samples = attach_simulated(samples, task.positive_index or 0, seed)
+        print(SIMULATED_NOTICE)
+    report = evaluate(loaded, samples, args.device, withhold_clinical=args.withhold_clinical)
     print(f"model {loaded.card.id} on {args.folder or args.split} ({len(samples)} images)")
     print(format_metrics(report["metrics"]))
     if args.out:
@@ -301,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="folder holding manifest.csv")
     evaluate.add_argument("--folder", help="folder of class sub-folders instead of the manifest")
     evaluate.add_argument("--out", help="folder for metrics.json and plots")
+    evaluate.add_argument("--withhold-clinical", action="store_true",
+                          help="fusion models: evaluate from the images alone (ablation)")
     evaluate.add_argument("--device")
     evaluate.set_defaults(handler=_evaluate)
 

@@ -247,3 +247,58 @@ def flags(values: ClinicalValues) -> list[Flag]:
     elif sum(low_lineages) == 2:
         found.append(Flag("bicytopenia", None, None, None, MEANINGS["bicytopenia"]))
     return found
+
+
+NUMERIC_FIELDS = ("age", "wbc", "rbc", "hemoglobin", "hematocrit", "mcv", "platelets", "lymphocytes_pct",
+                  "lymphocytes_abs", "neutrophils_abs", "blasts_pct", "ldh")
+ENCODING_SCALE = {"age": (30.0, 25.0), "wbc": (7.0, 1.0), "rbc": (4.7, 0.8), "hemoglobin": (14.0, 2.5),
+                  "hematocrit": (42.0, 6.0), "mcv": (90.0, 10.0), "platelets": (250.0, 1.0),
+                  "lymphocytes_pct": (30.0, 20.0), "lymphocytes_abs": (2.0, 1.0), "neutrophils_abs": (4.0, 1.0),
+                  "blasts_pct": (0.0, 20.0), "ldh": (200.0, 1.0)}
+"""Per field (centre, spread) for the network's input: counts are log-scaled (spread 1.0
+means the natural log of value / centre), the rest standardised."""
+LOG_FIELDS = {"wbc", "platelets", "lymphocytes_abs", "neutrophils_abs", "ldh"}
+ENCODING_SIZE = 2 * len(NUMERIC_FIELDS) + 3
+"""Encoded features: each numeric value and its missing indicator, then female, male and
+sex-missing indicators."""
+
+
+def encode(values: ClinicalValues | None) -> list[float]:
+    """The fusion network's input vector for ``values`` (``None``: everything missing).
+
+    Missing values are 0 with their indicator set to 1, so the network learns to rely on
+    the image when the blood count is absent.
+    """
+    out: list[float] = []
+    for name in NUMERIC_FIELDS:
+        value = None if values is None else getattr(values, name)
+        if value is None:
+            out += [0.0, 1.0]
+            continue
+        centre, spread = ENCODING_SCALE[name]
+        scaled = math.log((value + 0.1) / (centre + 0.1)) if name in LOG_FIELDS else (value - centre) / spread
+        out += [float(max(-6.0, min(6.0, scaled))), 0.0]
+    sex = None if values is None else values.sex
+    out += [float(sex == "female"), float(sex == "male"), float(sex is None)]
+    return out
+
+
+def missing_encoding(batch: int):
+    """A (batch, ENCODING_SIZE) tensor meaning "no clinical value measured"."""
+    import torch
+
+    return torch.tensor([encode(None)] * batch, dtype=torch.float32)
+
+
+def from_row(row: dict) -> ClinicalValues | None:
+    """Clinical values from a manifest row's columns named as the schema's fields (in the
+    schema's units); empty cells are missing; ``None`` when the row has no such column."""
+    present = {name: row[name] for name in [f.name for f in fields(ClinicalValues)] if name in row}
+    if not present:
+        return None
+    parsed = {}
+    for name, raw in present.items():
+        if raw in ("", None) or (isinstance(raw, float) and math.isnan(raw)):
+            continue
+        parsed[name] = str(raw) if name == "sex" else float(raw)
+    return validate(ClinicalValues(**parsed))

@@ -30,7 +30,9 @@ class TrainConfig:
     ``{"task": ..., "split": "train", "label_map": {source class: target class}}``; the
     validation and test splits are never touched by it. ``train_repeat`` shows each image of
     the task's own train split that many times per epoch, to keep it from being swamped by
-    extra sources.
+    extra sources. ``clinical_dropout`` (fusion models) withholds each clinical value, and
+    the whole blood count, with that probability during training. ``simulated_clinical_seed``
+    pairs every image with simulated blood counts (:mod:`leuko.cohort`), for demonstration.
     """
 
     task: str
@@ -48,6 +50,8 @@ class TrainConfig:
     stain_jitter: float = 0.0
     extra_train: list[dict] | None = None
     train_repeat: int = 1
+    clinical_dropout: float = 0.3
+    simulated_clinical_seed: int | None = None
     epochs: int = 10
     batch_size: int = 32
     optimizer: str | None = None

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
+from leuko.clinical import ClinicalValues, encode, from_row
 from leuko.images import IMAGE_SUFFIXES, load_image
 from leuko.preprocess import PreprocessConfig, apply_preprocessing
 from leuko.tasks import Task
@@ -64,6 +65,7 @@ class Sample:
     label: int
     dataset: str = ""
     mask: Path | None = None
+    clinical: ClinicalValues | None = None
 
 
 class SmearPreprocess:
@@ -149,19 +151,40 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0)
 
 
 class ImageDataset(Dataset):
-    """Labelled images read through :func:`leuko.images.load_image` and a transform."""
+    """Labelled images read through :func:`leuko.images.load_image` and a transform.
 
-    def __init__(self, samples: Sequence[Sample], transform=None) -> None:
+    With ``clinical`` each item's input is ``(image, encoded clinical values)``; with
+    ``clinical_dropout`` > 0 (training) each value is withheld with that probability and, with
+    the same probability, the whole blood count, so a fusion model also learns to work from
+    partial values and from the image alone.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform=None, clinical: bool = False,
+                 clinical_dropout: float = 0.0) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.clinical = clinical
+        self.clinical_dropout = clinical_dropout
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _clinical_input(self, values: ClinicalValues | None) -> torch.Tensor:
+        if values is not None and self.clinical_dropout > 0:
+            if random.random() < self.clinical_dropout:
+                values = None
+            else:
+                values = replace(values, **{k: None for k in values.present()
+                                            if random.random() < self.clinical_dropout})
+        return torch.tensor(encode(values), dtype=torch.float32)
+
     def __getitem__(self, index: int):
         sample = self.samples[index]
         image = load_image(sample.path)
-        return (self.transform(image) if self.transform else image), sample.label
+        image = self.transform(image) if self.transform else image
+        if self.clinical:
+            return (image, self._clinical_input(sample.clinical)), sample.label
+        return image, sample.label
 
     @property
     def labels(self) -> list[int]:
@@ -173,7 +196,10 @@ def read_manifest(manifest: Path, task: Task, split: str,
     """Samples of one task and split from a manifest CSV, optionally only some datasets.
 
     Raises ``ValueError`` when the manifest lacks a column or holds a label the task does
-    not know, and when the selection is empty.
+    not know, and when the selection is empty. Columns named as the fields of
+    :class:`leuko.clinical.ClinicalValues` (age, sex, wbc, rbc, hemoglobin, hematocrit, mcv,
+    platelets, lymphocytes_pct, lymphocytes_abs, neutrophils_abs, blasts_pct, ldh; in its
+    units) become each sample's clinical values; ``path`` may be absolute.
     """
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     missing = {"path", "task", "label", "split"} - set(table.columns)
@@ -189,9 +215,9 @@ def read_manifest(manifest: Path, task: Task, split: str,
         raise ValueError(f"{manifest}: no rows for task {task.id!r}, split {split!r}"
                          + (f", datasets {list(datasets)}" if datasets else ""))
     root = manifest.parent
-    return [Sample(root / row.path, task.index_of(row.label), getattr(row, "dataset", ""),
-                   root / row.mask if getattr(row, "mask", "") else None)
-            for row in rows.itertuples(index=False)]
+    return [Sample(root / row["path"], task.index_of(row["label"]), row.get("dataset", ""),
+                   root / row["mask"] if row.get("mask", "") else None, from_row(row))
+            for row in rows.to_dict("records")]
 
 
 def read_relabelled(manifest: Path, task: Task, source_task: Task, split: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -15,15 +16,21 @@ from leuko.data import ImageDataset, Sample, build_transform
 from leuko.device import pick_device
 from leuko.metrics import classification_metrics, reliability_curve, roc_pr_curves
 from leuko.modelstore import LoadedModel
+from leuko.nets import get_arch
 from leuko.tasks import get_task
 from leuko.train import collect_logits
 
 
 def model_logits(loaded: LoadedModel, samples: Sequence[Sample], device: str | None = None,
-                 batch_size: int = 32, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Uncalibrated logits (N, K) and labels (N,) of a loaded model over samples."""
+                 batch_size: int = 32, num_workers: int = 0,
+                 withhold_clinical: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Uncalibrated logits (N, K) and labels (N,) of a loaded model over samples; a fusion
+    model gets each sample's clinical values unless ``withhold_clinical``."""
     target = pick_device(device)
-    dataset = ImageDataset(samples, build_transform(loaded.card.input_config, train=False))
+    if withhold_clinical:
+        samples = [replace(s, clinical=None) for s in samples]
+    dataset = ImageDataset(samples, build_transform(loaded.card.input_config, train=False),
+                           clinical=get_arch(loaded.card.arch).fusion)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     return collect_logits(loaded.network.to(target), loader, target)
 
@@ -35,9 +42,10 @@ def metrics_from_logits(logits: np.ndarray, labels: np.ndarray, task_id: str, te
     return classification_metrics(labels, probs, task.class_ids, task.positive_index)
 
 
-def evaluate(loaded: LoadedModel, samples: Sequence[Sample], device: str | None = None) -> dict:
+def evaluate(loaded: LoadedModel, samples: Sequence[Sample], device: str | None = None,
+             withhold_clinical: bool = False) -> dict:
     """Metrics, ROC/PR curves and reliability data of a model on labelled samples."""
-    logits, labels = model_logits(loaded, samples, device)
+    logits, labels = model_logits(loaded, samples, device, withhold_clinical=withhold_clinical)
     task = get_task(loaded.card.task)
     probs = calibrated_probabilities(logits, loaded.card.temperature)
     return {"model": loaded.card.id, "task": task.id,

@@ -42,7 +42,7 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
     card.training["history"] = result.history
     card.training["best_epoch"] = result.best_epoch
     loaded = LoadedModel(card, result.network.eval(), Path("."))
-    splits = {"train": list(dict.fromkeys(load_training_samples(config, task))),
+    splits = {"train": list({s.path: s for s in load_training_samples(config, task)}.values()),
               **{split: load_split(config, task, split) for split in ("val", "test")}}
     for listener in callbacks:
         listener(ProgressEvent("message", message="calibrating on val and evaluating on test"))
@@ -65,5 +65,12 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
                  "datasets": config.datasets,
                  "split_sizes": {split: class_counts(samples, task) for split, samples in splits.items()},
                  "extra_train": config.extra_train}
+    if config.simulated_clinical_seed is not None:
+        from leuko.cohort import SIMULATED_NOTICE
+
+        withheld_logits, _ = model_logits(loaded, splits["test"], config.device, withhold_clinical=True)
+        card.metrics["test_clinical_withheld"] = metrics_from_logits(withheld_logits, test_labels, task.id,
+                                                                      card.temperature)
+        card.limitations = f"{SIMULATED_NOTICE} {card.limitations}"
     store.save(result.network, card, half=config.half_weights, folder=folder)
     return card

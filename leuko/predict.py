@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from leuko.calibration import calibrated_probabilities
+from leuko.clinical import ClinicalValues, encode
 from leuko.data import build_transform
 from leuko.device import pick_device
 from leuko.images import ImageInput, load_image
 from leuko.modelstore import LoadedModel, ModelStore
+from leuko.nets import get_arch
 from leuko.tasks import Task, get_task
 
 REVIEW_CONFIDENCE = 0.80
@@ -79,6 +81,7 @@ class Predictor:
         self.network = loaded.network.to(self.device).eval()
         self.transform = build_transform(loaded.card.input_config, train=False)
         self.tta = tta
+        self.fusion = get_arch(loaded.card.arch).fusion
         self.review_confidence = (review_confidence if review_confidence is not None
                                   else loaded.card.review_threshold or REVIEW_CONFIDENCE)
 
@@ -91,26 +94,35 @@ class Predictor:
         return torch.stack([self.transform(load_image(image)) for image in images])
 
     @torch.inference_mode()
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Raw (uncalibrated) logits of a preprocessed batch, on the CPU."""
-        return self.network(batch.to(self.device)).float().cpu()
+    def logits(self, batch: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw (uncalibrated) logits of a preprocessed batch, on the CPU. ``clinical`` (the
+        encoded values of :func:`leuko.clinical.encode`) is used by fusion models only."""
+        inputs = [batch.to(self.device)]
+        if self.fusion and clinical is not None:
+            inputs.append(clinical.to(self.device))
+        return self.network(*inputs).float().cpu()
 
     @torch.inference_mode()
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+    def probabilities(self, batch: torch.Tensor, clinical: torch.Tensor | None = None) -> np.ndarray:
         """Calibrated (N, K) probabilities of a preprocessed batch, TTA-averaged if enabled."""
         views = _dihedral(batch) if self.tta else [batch]
-        probs = [calibrated_probabilities(self.logits(v), self.card.temperature) for v in views]
+        probs = [calibrated_probabilities(self.logits(v, clinical), self.card.temperature) for v in views]
         return np.mean(probs, axis=0)
 
-    def predict(self, images: Sequence[ImageInput], batch_size: int = 32) -> list[Prediction]:
-        """Predict images given as paths, bytes, PIL images or RGB arrays.
+    def predict(self, images: Sequence[ImageInput], batch_size: int = 32,
+                clinical: Sequence[ClinicalValues | None] | None = None) -> list[Prediction]:
+        """Predict images given as paths, bytes, PIL images or RGB arrays; ``clinical`` gives
+        each image's blood count (used by fusion models, missing values allowed).
 
         Raises :class:`leuko.images.ImageError` for an unreadable image; callers that must
         skip bad files predict them one at a time.
         """
         results: list[Prediction] = []
         for start in range(0, len(images), batch_size):
-            probs = self.probabilities(self.tensors(images[start:start + batch_size]))
+            encoded = None
+            if clinical is not None:
+                encoded = torch.tensor([encode(v) for v in clinical[start:start + batch_size]], dtype=torch.float32)
+            probs = self.probabilities(self.tensors(images[start:start + batch_size]), encoded)
             results += [Prediction(self.classes, p, bool(p.max() < self.review_confidence))
                         for p in probs]
         return results

@@ -88,7 +88,12 @@ def load_split(config: TrainConfig, task: Task, split: str) -> list[Sample]:
     manifest = root / config.manifest
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest} not found; set data_root (--data) or folder")
-    return read_manifest(manifest, task, split, config.datasets)
+    samples = read_manifest(manifest, task, split, config.datasets)
+    if config.simulated_clinical_seed is not None:
+        from leuko.cohort import attach_simulated
+
+        samples = attach_simulated(samples, task.positive_index or 0, config.simulated_clinical_seed)
+    return samples
 
 
 def load_training_samples(config: TrainConfig, task: Task) -> list[Sample]:
@@ -166,14 +171,23 @@ def _restore_optimizer(run_dir: Path, optimizer: torch.optim.Optimizer, payload:
     optimizer.load_state_dict({"state": state, "param_groups": payload["optimizer_groups"]})
 
 
+def inputs_to(inputs, device: torch.device, channels_last: bool = False) -> list[torch.Tensor]:
+    """A batch's network inputs (an image tensor, or image and clinical tensors) on ``device``."""
+    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    moved = [item.to(device, non_blocking=True) for item in items]
+    if channels_last:
+        moved[0] = moved[0].to(memory_format=torch.channels_last)
+    return moved
+
+
 @torch.inference_mode()
 def collect_logits(network: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, K) and labels (N,) of a whole loader, the network in eval mode."""
     was_training = network.training
     network.eval()
     logits, labels = [], []
-    for images, targets in loader:
-        logits.append(network(images.to(device)).float().cpu())
+    for inputs, targets in loader:
+        logits.append(network(*inputs_to(inputs, device)).float().cpu())
         labels.append(targets)
     network.train(was_training)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
@@ -214,9 +228,11 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
     input_config = input_config_for(config)
     train_samples = load_training_samples(config, task)
     val_samples = load_split(config, task, "val")
+    fusion = get_arch(config.arch).fusion
     train_set = ImageDataset(train_samples, build_transform(input_config, train=config.augment,
-                                                            stain_jitter=config.stain_jitter))
-    val_set = ImageDataset(val_samples, build_transform(input_config, train=False))
+                                                            stain_jitter=config.stain_jitter),
+                             clinical=fusion, clinical_dropout=config.clinical_dropout)
+    val_set = ImageDataset(val_samples, build_transform(input_config, train=False), clinical=fusion)
     if world > 1:
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     elif config.balanced_sampling:
@@ -294,17 +310,16 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
             sampler.set_epoch(epoch)
         model.train()
         running, seen = 0.0, 0
-        for step, (images, targets) in enumerate(train_loader, start=1):
+        for step, (inputs, targets) in enumerate(train_loader, start=1):
             if step > steps:
                 break
             if should_stop and should_stop():
                 cancelled = True
                 break
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if config.channels_last:
-                images = images.to(memory_format=torch.channels_last)
+            targets = targets.to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = F.cross_entropy(model(images), targets, label_smoothing=config.label_smoothing)
+                logits = model(*inputs_to(inputs, device, config.channels_last))
+                loss = F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -18,7 +18,7 @@ def test_registry_offers_every_seed_architecture():
                          ids=sorted(ARCHITECTURES))
 def test_builds_for_any_class_count_and_has_a_spatial_target_layer(name):
     spec = get_arch(name)
-    for num_classes in (2, 5):
+    for num_classes in ((2,) if spec.fusion else (2, 5)):
         model = build_model(name, num_classes).eval()
         with torch.no_grad():
             out = model(torch.randn(2, 3, 96, 96))
@@ -115,3 +115,26 @@ def test_freezing_early_stages_fixes_their_weights_and_statistics():
     assert torch.equal(before, model.backbone.body.bn1.running_mean)
     with pytest.raises(ValueError, match="not supported"):
         build_model("seed003_vgg16", 2).freeze_early_stages(1)
+
+
+def test_fusion_network_runs_with_full_partial_and_no_clinical_values():
+    from leuko.clinical import ClinicalValues, ENCODING_SIZE, encode
+
+    model = build_model("fusion_lite0", 2).eval()
+    images = torch.randn(3, 3, 96, 96)
+    full = ClinicalValues(age=5, sex="male", wbc=45.0, rbc=3.1, hemoglobin=7.5, hematocrit=23, mcv=85, platelets=40,
+                          lymphocytes_pct=30, lymphocytes_abs=13.5, neutrophils_abs=1.1, blasts_pct=45, ldh=900)
+    partial = ClinicalValues(wbc=45.0, platelets=40)
+    clinical = torch.tensor([encode(full), encode(partial), encode(None)])
+    assert clinical.shape == (3, ENCODING_SIZE) and clinical[2, 1::2][:12].eq(1).all()
+    with torch.no_grad():
+        logits = model(images, clinical)
+        image_only = model(images)
+    assert logits.shape == (3, 2) and torch.all(logits[:, 1] == 0)
+    assert torch.allclose(image_only[2], logits[2])
+    assert not torch.allclose(logits[0], image_only[0])
+    head = model.fusion.attention
+    assert head.num_heads == 8 and head.embed_dim // head.num_heads == 40
+    assert model.clinical.fc3.out_features == 128 and model.clinical.dropout.p == 0.3 and model.clinical.fc4.out_features == 64
+    with pytest.raises(ValueError, match="binary"):
+        build_model("fusion_lite0", 4)

@@ -52,3 +52,12 @@ for _name, _size in (("lite0", 224), ("lite2", 260)):
                   input_size=_size, target_layer="backbone", source="CPU default (offline ImageNet)",
                   mean=TF_LITE_MEAN, std=TF_LITE_STD, interpolation="bicubic",
                   recipe=CPU_ADAMW)(LinearHead)
+
+register_arch("melba_fusion", backbone=BackboneSpec("timm", "efficientnet_b3"), input_size=300,
+              target_layer="backbone", source="seed 000 (image + clinical fusion)", recipe=SEED000_ADAM,
+              heavy=True, fusion=True)(MelbaImageHead)
+
+register_arch("fusion_lite0", backbone=BackboneSpec("timm", "tf_efficientnet_lite0"), input_size=224,
+              target_layer="backbone", source="seed 000 fusion on the CPU default backbone",
+              mean=TF_LITE_MEAN, std=TF_LITE_STD, interpolation="bicubic", recipe=SEED000_ADAM,
+              fusion=True)(MelbaImageHead)

@@ -56,6 +56,7 @@ class ArchSpec:
     recipe: Recipe = field(default_factory=Recipe)
     preprocessing: dict = field(default_factory=dict)
     heavy: bool = False
+    fusion: bool = False
 
     @property
     def offline_weights(self) -> bool:
@@ -154,7 +155,14 @@ def build_model(name: str, num_classes: int, pretrained: str | Path | None = Non
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     spec = get_arch(name)
+    if spec.fusion and num_classes != 2:
+        raise ValueError(f"{name} fuses clinical values for the binary task only (2 classes), not {num_classes}")
     backbone, source = build_backbone(spec.backbone, pretrained)
+    if spec.fusion:
+        from leuko.clinical import ENCODING_SIZE
+        from leuko.nets.fusion import FusionNet
+
+        return FusionNet(name, backbone, ENCODING_SIZE, source)
     head = spec.head(backbone.num_features, num_classes)
     return LeukoNet(name, backbone, head, source)
 
