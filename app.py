@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from leuko.ui.status import model_status_table, runtime_summary
+from leuko.ui.status import model_status_section, runtime_summary
 
 st.set_page_config(page_title="Leuko", page_icon="assets/leuko.svg", layout="wide")
 st.title("Leuko: acute leukemia screening support")
@@ -14,10 +14,6 @@ st.markdown(
     "person; a low-confidence result is flagged for review."
 )
 st.subheader("Runtime")
-st.write(runtime_summary())
+st.markdown(runtime_summary())
 st.subheader("Installed models")
-table = model_status_table()
-if table.empty:
-    st.info("No model is installed yet. Train one with `python -m leuko train --task all_binary`.")
-else:
-    st.dataframe(table, hide_index=True, width="stretch")
+model_status_section()

@@ -70,6 +70,18 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(report: dict, out_dir: Path) -> list[Path]:
     """Write ``metrics.json`` and PNG plots (confusion matrix, ROC, PR, reliability)."""
     import matplotlib
@@ -77,9 +89,9 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     written = [out_dir / "metrics.json"]
-    written[0].write_text(json.dumps(report, indent=2))
-    metrics = report["metrics"]
+    metrics, model = report["metrics"], report["model"]
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
     matrix = np.array(metrics["confusion_matrix"])
@@ -87,29 +99,16 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     ax.set_xticks(range(len(metrics["classes"])), metrics["classes"], rotation=45, ha="right")
     ax.set_yticks(range(len(metrics["classes"])), metrics["classes"])
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center",
-                color="white" if value > matrix.max() / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{report['model']}: confusion matrix", fontsize=9)
-    fig.tight_layout()
-    written.append(out_dir / "confusion_matrix.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+        ax.text(j, i, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black")
+    written.append(_finish(fig, ax, "predicted", "true", f"{model}: confusion matrix", out_dir / "confusion_matrix.png"))
 
     for kind, x, y, xlabel, ylabel, score in (("roc", "fpr", "tpr", "1 - specificity", "sensitivity", "auc"),
                                               ("pr", "recall", "precision", "sensitivity", "precision", "ap")):
         fig, ax = plt.subplots(figsize=(4.5, 4))
         for name, curve in report["curves"].items():
             ax.plot(curve[x], curve[y], label=f"{name} ({score.upper()} {curve[score]:.3f})")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
-        ax.set_title(f"{report['model']}: {kind.upper()}", fontsize=9)
-        fig.tight_layout()
-        written.append(out_dir / f"{kind}.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_finish(fig, ax, xlabel, ylabel, f"{model}: {kind.upper()}", out_dir / f"{kind}.png"))
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
     rel = report["reliability"]
@@ -117,11 +116,6 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     if points:
         ax.plot(*zip(*points), "o-")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability (ECE {metrics['ece']:.3f})", fontsize=9)
-    fig.tight_layout()
-    written.append(out_dir / "reliability.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_finish(fig, ax, "confidence", "accuracy", f"reliability (ECE {metrics['ece']:.3f})",
+                           out_dir / "reliability.png"))
     return written

@@ -2,11 +2,7 @@
 
 import streamlit as st
 
-from leuko.ui.status import model_status_table
+from leuko.ui.status import model_status_section
 
 st.title("Models")
-table = model_status_table()
-if table.empty:
-    st.info("No model is installed yet.")
-else:
-    st.dataframe(table, hide_index=True, width="stretch")
+model_status_section()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import streamlit as st
 
 from leuko.device import describe_device, pick_device
 from leuko.modelstore import ModelIntegrityError, ModelStore
@@ -23,8 +24,17 @@ def model_status_table(store: ModelStore | None = None) -> pd.DataFrame:
             status = "ok"
         except ModelIntegrityError as exc:
             status = f"refused: {exc}"
-        test = card.metrics.get("test", {})
+        test = card.metrics.get("test", {}) if isinstance(card.metrics.get("test"), dict) else {}
         rows.append({"model": card.id, "task": card.task, "architecture": card.arch,
                      "test accuracy": test.get("accuracy"), "test MCC": test.get("mcc"),
                      "default": store.default_id(card.task) == card.id, "integrity": status})
     return pd.DataFrame(rows)
+
+
+def model_status_section() -> None:
+    """The installed models as a table, or how to get one when there is none."""
+    table = model_status_table()
+    if table.empty:
+        st.info("No model is installed yet. Train one with `python -m leuko train --task all_binary`.")
+    else:
+        st.dataframe(table, hide_index=True, width="stretch")
