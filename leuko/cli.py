@@ -269,6 +269,29 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace) -> int:
+    from leuko.store import CaseStore
+
+    store = CaseStore()
+    if args.action == "check":
+        report = store.check(repair=args.repair)
+        for path in report.missing_files:
+            print(f"missing file (row kept): {path}")
+        for path in report.orphan_files:
+            print(f"{'removed' if args.repair else 'orphan'} file: {path}")
+        print("store consistent" if report.ok else
+              f"{len(report.orphan_files)} orphan file(s), {len(report.missing_files)} missing file(s)")
+        return 0 if report.ok or (args.repair and not report.missing_files) else 1
+    if args.action == "add-user":
+        import getpass
+
+        password = getpass.getpass(f"password for {args.username}: ")
+        store.create_user(args.username, password, args.role, actor="cli")
+        print(f"created {args.role} {args.username}")
+        return 0
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m leuko",
                                      description="Leuko: acute leukemia screening from blood smear images")
@@ -378,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--skip-training", action="store_true")
     bench.set_defaults(handler=_bench)
 
+    store = sub.add_parser("store", help="the case log: consistency check and repair, accounts")
+    store.add_argument("action", choices=["check", "add-user"])
+    store.add_argument("--repair", action="store_true", help="check: delete files no case refers to")
+    store.add_argument("--username")
+    store.add_argument("--role", choices=["analyst", "reviewer", "admin"], default="analyst")
+    store.set_defaults(handler=_store)
+
     models = sub.add_parser("models", help="list installed models and check their integrity")
     models.add_argument("--task", choices=tasks)
     models.add_argument("--json", action="store_true")
@@ -390,10 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from leuko.device import DeviceError
     from leuko.modelstore import ModelIntegrityError, ModelNotFoundError
+    from leuko.store import StoreError, StoreUnavailableError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ModelNotFoundError, ModelIntegrityError, DeviceError, FileNotFoundError, ValueError, KeyError) as exc:
+    except (ModelNotFoundError, ModelIntegrityError, DeviceError, FileNotFoundError, ValueError, KeyError,
+            StoreError, StoreUnavailableError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 2

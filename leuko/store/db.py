@@ -1,0 +1,72 @@
+"""Database engine and schema migrations.
+
+``$LEUKO_DB_URL`` takes any SQLAlchemy URL (PostgreSQL when a team shares the log);
+otherwise an SQLite file in ``$LEUKO_HOME``. SQLite runs in WAL mode with a 30 s busy
+timeout, foreign keys on, and write transactions started with ``BEGIN IMMEDIATE`` so that
+concurrent writers queue instead of failing with "database is locked".
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
+
+from leuko.paths import leuko_home
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+BUSY_TIMEOUT_MS = 30_000
+
+
+class StoreUnavailableError(RuntimeError):
+    """The database cannot be reached or written; nothing was saved."""
+
+
+def database_url(home: Path | None = None) -> str:
+    """``$LEUKO_DB_URL``, else ``sqlite:///<LEUKO_HOME>/leuko.db``."""
+    url = os.environ.get("LEUKO_DB_URL")
+    if url:
+        return url
+    folder = Path(home or leuko_home())
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'leuko.db'}"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the SQLite settings above, or plain pooling for other databases."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5}
+                             if url.startswith("postgresql") else {})
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (run when the app starts)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    except OperationalError as exc:
+        raise StoreUnavailableError(f"the case database cannot be reached: {exc.orig}") from exc

@@ -1,0 +1,462 @@
+"""The case log's operations: save, review, sign off, query, agreement, audit, consistency.
+
+Every write goes through :class:`CaseStore`. Files are stored first, then the rows are
+committed in one transaction, so a crash leaves at worst unreferenced files (found and
+removed by :meth:`CaseStore.check`), never a row pointing at a missing file.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterator
+
+from argon2 import PasswordHasher
+from argon2.exceptions import VerificationError
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from leuko.paths import leuko_home
+from leuko.store.db import StoreUnavailableError, database_url, make_engine, upgrade
+from leuko.store.files import FileStore
+from leuko.store.models import AuditEvent, Case, Cell, ImageRecord, Prediction, Review, SignOff, User, utcnow
+
+ROLES = ("analyst", "reviewer", "admin")
+SIGNING_ROLES = ("reviewer", "admin")
+MAX_FAILED_LOGINS = 5
+LOCKOUT = timedelta(minutes=5)
+
+
+class StoreError(ValueError):
+    """An operation the case log refuses; the message says why."""
+
+
+class PermissionDenied(StoreError):
+    """The account's role does not allow the operation."""
+
+
+@dataclass
+class PredictionInput:
+    """A prediction to log. ``probabilities`` maps class ids to calibrated probabilities;
+    ``cam_png``/``mask_png`` are optional overlay files; ``latency_ms`` in milliseconds."""
+
+    model_id: str
+    weights_sha256: str
+    task: str
+    probabilities: dict[str, float]
+    label: str
+    confidence: float
+    needs_review: bool
+    latency_ms: float | None = None
+    cam_png: bytes | None = None
+    mask_png: bytes | None = None
+
+
+@dataclass
+class CellInput:
+    """A cell of a field image: box (x, y, width, height in pixels), crop and results."""
+
+    box: tuple[int, int, int, int]
+    touches_border: bool = False
+    crop_png: bytes | None = None
+    morphometrics: dict | None = None
+    prediction: PredictionInput | None = None
+
+
+@dataclass
+class ImageInput:
+    """An image to log: its original bytes, name, kind (crop or field) and results."""
+
+    data: bytes
+    original_name: str
+    width: int
+    height: int
+    kind: str = "crop"
+    prediction: PredictionInput | None = None
+    cells: list[CellInput] = field(default_factory=list)
+
+
+@dataclass
+class CaseFilter:
+    """History filters; ``None`` means any. Dates are inclusive datetimes (UTC)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    task: str | None = None
+    predicted_label: str | None = None
+    final_label: str | None = None
+    needs_review: bool | None = None
+    reviewer: str | None = None
+    status: str | None = None
+    reference: str | None = None
+
+
+@dataclass
+class ConsistencyReport:
+    """Files no row refers to, and rows whose file is missing."""
+
+    orphan_files: list[str]
+    missing_files: list[str]
+    repaired: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.orphan_files and not self.missing_files
+
+
+def _refuse_audit_changes(session: Session, _context, _instances) -> None:
+    for obj in list(session.dirty) + list(session.deleted):
+        if isinstance(obj, AuditEvent):
+            raise StoreError("the audit trail is append-only: events cannot be changed or deleted")
+
+
+class CaseStore:
+    """The case log: an SQL database (SQLite by default) plus a content-addressed file store."""
+
+    def __init__(self, url: str | None = None, home: Path | None = None, upgrade_schema: bool = True) -> None:
+        self.home = Path(home or leuko_home())
+        self.url = url or database_url(self.home)
+        self.engine = make_engine(self.url)
+        self.files = FileStore(self.home / "files")
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "before_flush", _refuse_audit_changes)
+        self.hasher = PasswordHasher()
+        if upgrade_schema:
+            upgrade(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session committed on success and rolled back on any error."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except OperationalError as exc:
+            session.rollback()
+            raise StoreUnavailableError(f"the case database cannot be reached: {exc.orig}") from exc
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def _write(self, work):
+        """Run ``work(session)`` in one transaction, retrying when SQLite is busy."""
+        last: Exception | None = None
+        for attempt in range(8):
+            session = self._sessions()
+            try:
+                result = work(session)
+                session.commit()
+                return result
+            except OperationalError as exc:
+                session.rollback()
+                last = exc
+                if "locked" not in str(exc.orig) and "busy" not in str(exc.orig):
+                    raise StoreUnavailableError(f"the case database cannot be written: {exc.orig}") from exc
+                time.sleep(0.1 * (attempt + 1))
+            except BaseException:
+                session.rollback()
+                raise
+            finally:
+                session.close()
+        raise StoreUnavailableError(f"the case database stayed busy: {last}")
+
+    @staticmethod
+    def _audit(session: Session, actor: str, action: str, entity: str, entity_id: int | None,
+               old: dict | None = None, new: dict | None = None) -> None:
+        session.add(AuditEvent(actor=actor, action=action, entity=entity, entity_id=entity_id, old=old, new=new))
+
+    # accounts ---------------------------------------------------------------------------
+
+    def create_user(self, username: str, password: str, role: str, actor: str = "system") -> None:
+        """Create a local account; the password is stored only as an argon2 hash."""
+        if role not in ROLES:
+            raise StoreError(f"role must be one of {', '.join(ROLES)}")
+        if len(password) < 8:
+            raise StoreError("passwords need at least 8 characters")
+
+        def work(session: Session) -> None:
+            if session.scalar(select(User).where(User.username == username)):
+                raise StoreError(f"user {username!r} already exists")
+            session.add(User(username=username, password_hash=self.hasher.hash(password), role=role))
+            self._audit(session, actor, "create_user", "user", None, new={"username": username, "role": role})
+
+        self._write(work)
+
+    def authenticate(self, username: str, password: str) -> User:
+        """The user if the password matches; after 5 failures the account is locked 5 minutes."""
+
+        def work(session: Session) -> User | str:
+            user = session.scalar(select(User).where(User.username == username))
+            if user is None:
+                return "unknown user or wrong password"
+            now = utcnow()
+            locked = user.locked_until
+            if locked is not None and locked.replace(tzinfo=locked.tzinfo or timezone.utc) > now:
+                return "too many failed attempts: try again in a few minutes"
+            try:
+                self.hasher.verify(user.password_hash, password)
+            except VerificationError:
+                user.failed_logins += 1
+                if user.failed_logins >= MAX_FAILED_LOGINS:
+                    user.locked_until, user.failed_logins = now + LOCKOUT, 0
+                    self._audit(session, username, "lockout", "user", user.id)
+                return "unknown user or wrong password"
+            user.failed_logins, user.locked_until = 0, None
+            self._audit(session, username, "login", "user", user.id)
+            return user
+
+        result = self._write(work)
+        if isinstance(result, str):
+            raise PermissionDenied(result)
+        return result
+
+    def role_of(self, username: str) -> str | None:
+        with self.session() as session:
+            user = session.scalar(select(User).where(User.username == username))
+            return user.role if user else None
+
+    # cases ------------------------------------------------------------------------------
+
+    def _store_prediction(self, prediction: PredictionInput, image_id: int, cell_id: int | None,
+                          created: list[str]) -> Prediction:
+        cam = self.files.put(prediction.cam_png, ".png", created)[0] if prediction.cam_png else None
+        mask = self.files.put(prediction.mask_png, ".png", created)[0] if prediction.mask_png else None
+        return Prediction(image_id=image_id, cell_id=cell_id, model_id=prediction.model_id,
+                          weights_sha256=prediction.weights_sha256, task=prediction.task,
+                          probabilities=prediction.probabilities, label=prediction.label,
+                          confidence=prediction.confidence, needs_review=prediction.needs_review,
+                          cam_path=cam, mask_path=mask, latency_ms=prediction.latency_ms)
+
+    def save_case(self, reference: str, created_by: str, images: list[ImageInput], notes: str = "",
+                  clinical: dict | None = None) -> int:
+        """Log a case with its images and results; returns the case id.
+
+        All files are written before the transaction starts; the rows then commit together.
+        """
+        if not reference.strip():
+            raise StoreError("a case needs a (pseudonymous) reference")
+        with self.session() as session:
+            if session.scalar(select(Case.id).where(Case.reference == reference)):
+                raise StoreError(f"a case with reference {reference!r} already exists")
+        created: list[str] = []
+        stored = []
+        for image in images:
+            suffix = Path(image.original_name).suffix.lower() or ".bin"
+            path, digest = self.files.put(image.data, suffix, created)
+            crops = [self.files.put(cell.crop_png, ".png", created)[0] if cell.crop_png else None
+                     for cell in image.cells]
+            predictions = [self._store_prediction(image.prediction, 0, None, created) if image.prediction else None]
+            predictions += [self._store_prediction(cell.prediction, 0, None, created) if cell.prediction else None
+                            for cell in image.cells]
+            stored.append((image, path, digest, crops, predictions))
+
+        def work(session: Session) -> int:
+            if session.scalar(select(Case.id).where(Case.reference == reference)):
+                raise StoreError(f"a case with reference {reference!r} already exists")
+            case = Case(reference=reference, notes=notes, clinical=clinical, created_by=created_by)
+            session.add(case)
+            session.flush()
+            for image, path, digest, crops, predictions in stored:
+                record = ImageRecord(case_id=case.id, sha256=digest, original_name=image.original_name,
+                                     stored_path=path, size_bytes=len(image.data), width=image.width,
+                                     height=image.height, kind=image.kind)
+                session.add(record)
+                session.flush()
+                if predictions[0] is not None:
+                    predictions[0].image_id = record.id
+                    session.add(predictions[0])
+                for index, (cell, crop, made) in enumerate(zip(image.cells, crops, predictions[1:]), start=1):
+                    x, y, w, h = cell.box
+                    row = Cell(image_id=record.id, index=index, x=x, y=y, width=w, height=h,
+                               touches_border=cell.touches_border, crop_path=crop, morphometrics=cell.morphometrics)
+                    session.add(row)
+                    session.flush()
+                    if made is not None:
+                        made.image_id, made.cell_id = record.id, row.id
+                        session.add(made)
+            self._audit(session, created_by, "create_case", "case", case.id,
+                        new={"reference": reference, "images": len(images)})
+            return case.id
+
+        try:
+            return self._write(work)
+        except IntegrityError as exc:
+            self.files.discard(created)
+            raise StoreError(f"case {reference!r} could not be saved: {exc.orig}") from exc
+        except BaseException:
+            self.files.discard(created)
+            raise
+
+    def review(self, image_id: int, reviewer: str, final_label: str, comment: str = "",
+               cell_id: int | None = None) -> None:
+        """Confirm or reclassify an image (or one cell of a field) with a final label."""
+
+        def work(session: Session) -> None:
+            image = session.get(ImageRecord, image_id)
+            if image is None:
+                raise StoreError(f"no image {image_id}")
+            case = session.get(Case, image.case_id)
+            if case.status == "signed":
+                raise StoreError(f"case {case.reference} is signed; reviews can no longer change")
+            if cell_id is not None and not any(c.id == cell_id for c in image.cells):
+                raise StoreError(f"cell {cell_id} is not part of image {image_id}")
+            previous = [r for r in image.reviews if r.cell_id == cell_id]
+            session.add(Review(image_id=image_id, cell_id=cell_id, reviewer=reviewer, final_label=final_label,
+                               comment=comment))
+            self._audit(session, reviewer, "review", "cell" if cell_id else "image", cell_id or image_id,
+                        old={"final_label": previous[-1].final_label} if previous else None,
+                        new={"final_label": final_label, "comment": comment})
+            session.flush()
+            if not self._unreviewed(session, case):
+                old, case.status = case.status, "reviewed"
+                if old != "reviewed":
+                    self._audit(session, reviewer, "status", "case", case.id, {"status": old}, {"status": "reviewed"})
+
+        self._write(work)
+
+    @staticmethod
+    def _unreviewed(session: Session, case: Case) -> list[str]:
+        """Items still waiting for a person: each crop image, and each cell of a field."""
+        waiting = []
+        for image in case.images:
+            reviewed = {r.cell_id for r in session.scalars(select(Review).where(Review.image_id == image.id))}
+            if image.kind == "field" and image.cells:
+                waiting += [f"{image.original_name} cell {c.index}" for c in image.cells if c.id not in reviewed]
+            elif None not in reviewed:
+                waiting.append(image.original_name)
+        return waiting
+
+    def sign_off(self, case_id: int, username: str) -> None:
+        """Sign a case. Refused without the reviewer role and while any image or cell is
+        unreviewed (a needs-review result counts as unreviewed until a person labels it)."""
+        role = self.role_of(username)
+        if role not in SIGNING_ROLES:
+            raise PermissionDenied(f"{username} ({role or 'unknown user'}) may not sign off: the reviewer role is needed")
+
+        def work(session: Session) -> None:
+            case = session.get(Case, case_id)
+            if case is None:
+                raise StoreError(f"no case {case_id}")
+            if case.status == "signed":
+                raise StoreError(f"case {case.reference} is already signed")
+            waiting = self._unreviewed(session, case)
+            if waiting:
+                raise StoreError(f"cannot sign {case.reference}: {len(waiting)} item(s) still need review "
+                                 f"({', '.join(waiting[:5])}{'...' if len(waiting) > 5 else ''})")
+            session.add(SignOff(case_id=case.id, signed_by=username))
+            self._audit(session, username, "sign_off", "case", case.id, {"status": case.status}, {"status": "signed"})
+            case.status = "signed"
+
+        self._write(work)
+
+    def case(self, case_id: int) -> Case:
+        """A case with its images, cells, predictions, reviews and sign-off loaded."""
+        with self.session() as session:
+            case = session.scalar(select(Case).where(Case.id == case_id).options(
+                selectinload(Case.images).selectinload(ImageRecord.cells),
+                selectinload(Case.images).selectinload(ImageRecord.predictions),
+                selectinload(Case.images).selectinload(ImageRecord.reviews),
+                selectinload(Case.sign_off)))
+            if case is None:
+                raise StoreError(f"no case {case_id}")
+            return case
+
+    def list_cases(self, filters: CaseFilter | None = None, page: int = 1, page_size: int = 50) -> tuple[list[dict], int]:
+        """One page of cases (newest first) matching the filters, and the total count."""
+        filters = filters or CaseFilter()
+        query = select(Case)
+        if filters.since:
+            query = query.where(Case.created_at >= filters.since)
+        if filters.until:
+            query = query.where(Case.created_at <= filters.until)
+        if filters.status:
+            query = query.where(Case.status == filters.status)
+        if filters.reference:
+            query = query.where(Case.reference.contains(filters.reference))
+        prediction_filters = [(Prediction.task, filters.task), (Prediction.label, filters.predicted_label),
+                              (Prediction.needs_review, filters.needs_review)]
+        if any(value is not None for _, value in prediction_filters):
+            sub = select(ImageRecord.case_id).join(Prediction, Prediction.image_id == ImageRecord.id)
+            for column, value in prediction_filters:
+                if value is not None:
+                    sub = sub.where(column == value)
+            query = query.where(Case.id.in_(sub))
+        if filters.final_label is not None or filters.reviewer is not None:
+            sub = select(ImageRecord.case_id).join(Review, Review.image_id == ImageRecord.id)
+            if filters.final_label is not None:
+                sub = sub.where(Review.final_label == filters.final_label)
+            if filters.reviewer is not None:
+                sub = sub.where(Review.reviewer == filters.reviewer)
+            query = query.where(Case.id.in_(sub))
+        with self.session() as session:
+            total = session.scalar(select(func.count()).select_from(query.subquery()))
+            rows = session.scalars(query.order_by(Case.created_at.desc(), Case.id.desc())
+                                   .offset((page - 1) * page_size).limit(page_size)).all()
+            counts = dict(session.execute(select(ImageRecord.case_id, func.count()).where(
+                ImageRecord.case_id.in_([r.id for r in rows])).group_by(ImageRecord.case_id)).all())
+            return [{"id": r.id, "reference": r.reference, "created_at": r.created_at, "created_by": r.created_by,
+                     "status": r.status, "images": counts.get(r.id, 0)} for r in rows], int(total)
+
+    def agreement(self, model_id: str | None = None, task: str | None = None) -> dict:
+        """Agreement of predictions with reviewers' latest final labels: count, accuracy,
+        Cohen's kappa and the confusion table (predicted x final) per model."""
+        from sklearn.metrics import cohen_kappa_score
+
+        with self.session() as session:
+            query = select(Prediction)
+            if model_id:
+                query = query.where(Prediction.model_id == model_id)
+            if task:
+                query = query.where(Prediction.task == task)
+            finals: dict[tuple[int, int | None], str] = {}
+            for review in session.scalars(select(Review).order_by(Review.id)):
+                finals[(review.image_id, review.cell_id)] = review.final_label
+            per_model: dict[str, list[tuple[str, str]]] = {}
+            for prediction in session.scalars(query):
+                final = finals.get((prediction.image_id, prediction.cell_id))
+                if final is not None:
+                    per_model.setdefault(prediction.model_id, []).append((prediction.label, final))
+        out = {}
+        for model, pairs in per_model.items():
+            predicted, final = zip(*pairs)
+            labels = sorted(set(predicted) | set(final))
+            confusion = {p: {f: sum(1 for a, b in pairs if a == p and b == f) for f in labels} for p in labels}
+            kappa = cohen_kappa_score(predicted, final) if len(set(predicted) | set(final)) > 1 else 1.0
+            out[model] = {"n": len(pairs), "accuracy": sum(a == b for a, b in pairs) / len(pairs),
+                          "kappa": float(kappa), "confusion": confusion}
+        return out
+
+    def audit_trail(self, case_id: int | None = None) -> list[AuditEvent]:
+        """Audit events, oldest first (of one case and its images when ``case_id`` is given)."""
+        with self.session() as session:
+            query = select(AuditEvent).order_by(AuditEvent.id)
+            if case_id is not None:
+                image_ids = list(session.scalars(select(ImageRecord.id).where(ImageRecord.case_id == case_id)))
+                query = query.where(((AuditEvent.entity == "case") & (AuditEvent.entity_id == case_id))
+                                    | ((AuditEvent.entity == "image") & AuditEvent.entity_id.in_(image_ids)))
+            return list(session.scalars(query))
+
+    def check(self, repair: bool = False) -> ConsistencyReport:
+        """Find files no row refers to and rows whose file is missing; with ``repair`` the
+        unreferenced files are deleted (rows are never deleted)."""
+        with self.session() as session:
+            referenced = set(session.scalars(select(ImageRecord.stored_path)))
+            referenced |= {p for p in session.scalars(select(Cell.crop_path)) if p}
+            referenced |= {p for p in session.scalars(select(Prediction.cam_path)) if p}
+            referenced |= {p for p in session.scalars(select(Prediction.mask_path)) if p}
+        present = self.files.all_files()
+        orphans = sorted(present - referenced)
+        missing = sorted(referenced - present)
+        if repair:
+            for relative in orphans:
+                self.files.path(relative).unlink(missing_ok=True)
+        return ConsistencyReport(orphans, missing, repaired=repair)

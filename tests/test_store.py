@@ -1,0 +1,268 @@
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from sqlalchemy import create_engine, text
+from sklearn.metrics import cohen_kappa_score
+
+from leuko.cli import main
+from leuko.data import read_manifest
+from leuko.store import (CaseFilter, CaseStore, CellInput, ImageInput, PermissionDenied, PredictionInput, StoreError)
+from leuko.store.export import case_pdf, cases_csv, export_dataset, safe_cell
+from leuko.store.models import AuditEvent
+from leuko.tasks import get_task
+from tests.conftest import synthetic_cell
+
+PG_URL = os.environ.get("LEUKO_TEST_PG_URL")
+BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
+
+
+def _reset_postgres(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request, tmp_path):
+    if request.param == "postgresql":
+        _reset_postgres(PG_URL)
+        return PG_URL
+    return f"sqlite:///{tmp_path / 'leuko.db'}"
+
+
+@pytest.fixture
+def store(store_url, tmp_path):
+    store = CaseStore(url=store_url, home=tmp_path / "home")
+    store.create_user("rita", "reviewer-pass", "reviewer")
+    store.create_user("adam", "analyst-pass", "analyst")
+    yield store
+    store.close()
+
+
+def png(label=0, seed=0) -> bytes:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(synthetic_cell(label, 32, seed)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def prediction(label="ALL", confidence=0.9, needs_review=False, cam=True) -> PredictionInput:
+    other = "normal" if label == "ALL" else "ALL"
+    return PredictionInput("model-a", "a" * 64, "all_binary", {label: confidence, other: 1 - confidence}, label,
+                           confidence, needs_review, 12.5, png(1, 99) if cam else None)
+
+
+def crop(seed=0, **kwargs) -> ImageInput:
+    return ImageInput(png(0, seed), f"cell{seed}.png", 32, 32, "crop", prediction(**kwargs))
+
+
+def test_a_saved_case_comes_back_whole_with_its_files(store):
+    case_id = store.save_case("C-1", "adam", [crop(1), crop(2, label="normal")], notes="smear 3",
+                              clinical={"wbc": 25.0, "hemoglobin": 8.0})
+    case = store.case(case_id)
+    assert (case.reference, case.status, case.notes, case.clinical["wbc"]) == ("C-1", "new", "smear 3", 25.0)
+    assert [i.original_name for i in case.images] == ["cell1.png", "cell2.png"]
+    first = case.images[0]
+    assert store.files.path(first.stored_path).read_bytes() == png(0, 1) and len(first.sha256) == 64
+    assert first.predictions[0].probabilities["ALL"] == pytest.approx(0.9)
+    assert store.files.path(first.predictions[0].cam_path).is_file()
+    with pytest.raises(StoreError, match="already exists"):
+        store.save_case("C-1", "adam", [crop(3)])
+    assert store.check().ok
+
+
+def test_sign_off_needs_every_item_reviewed_and_the_reviewer_role(store):
+    field = ImageInput(png(0, 5), "field.png", 200, 100, "field",
+                       cells=[CellInput((0, 0, 30, 30), False, png(1, 6), {"nc_ratio": 2.0}, prediction()),
+                              CellInput((50, 0, 30, 30), True, png(1, 7), None, prediction(needs_review=True))])
+    case_id = store.save_case("C-2", "adam", [crop(4), field])
+    case = store.case(case_id)
+    image, field_image = case.images
+    with pytest.raises(StoreError, match="3 item"):
+        store.sign_off(case_id, "rita")
+    with pytest.raises(StoreError, match="not part of image"):
+        store.review(field_image.id, "rita", "ALL", cell_id=10**6)
+    store.review(image.id, "rita", "ALL")
+    store.review(field_image.id, "rita", "ALL", cell_id=field_image.cells[0].id)
+    with pytest.raises(StoreError, match="field.png cell 2"):
+        store.sign_off(case_id, "rita")
+    store.review(field_image.id, "rita", "normal", "lymphocyte, not a blast", cell_id=field_image.cells[1].id)
+    assert store.case(case_id).status == "reviewed"
+    with pytest.raises(PermissionDenied, match="reviewer role"):
+        store.sign_off(case_id, "adam")
+    store.sign_off(case_id, "rita")
+    signed = store.case(case_id)
+    assert signed.status == "signed" and signed.sign_off.signed_by == "rita"
+    with pytest.raises(StoreError, match="signed"):
+        store.review(image.id, "rita", "normal")
+
+
+def test_audit_trail_records_old_and_new_values_and_cannot_be_edited(store):
+    case_id = store.save_case("C-3", "adam", [crop(8)])
+    image_id = store.case(case_id).images[0].id
+    store.review(image_id, "rita", "ALL")
+    store.review(image_id, "rita", "normal", "second look")
+    events = store.audit_trail(case_id)
+    actions = [e.action for e in events]
+    assert actions[0] == "create_case" and actions.count("review") == 2
+    last_review = [e for e in events if e.action == "review"][-1]
+    assert last_review.old == {"final_label": "ALL"} and last_review.new["final_label"] == "normal"
+    with pytest.raises(StoreError, match="append-only"), store.session() as session:
+        session.get(AuditEvent, events[0].id).actor = "someone else"
+    with pytest.raises(StoreError, match="append-only"), store.session() as session:
+        session.delete(session.get(AuditEvent, events[0].id))
+    assert store.audit_trail(case_id)[0].actor == "adam"
+
+
+def test_history_filters_and_pagination(store):
+    for k in range(12):
+        case_id = store.save_case(f"H-{k:02d}", "adam", [crop(100 + k, label="ALL" if k % 3 else "normal",
+                                                               needs_review=k % 4 == 0)])
+        if k < 5:
+            store.review(store.case(case_id).images[0].id, "rita", "ALL")
+    rows, total = store.list_cases(page=1, page_size=5)
+    assert total == 12 and [r["reference"] for r in rows] == ["H-11", "H-10", "H-09", "H-08", "H-07"]
+    assert [r["reference"] for r in store.list_cases(page=3, page_size=5)[0]] == ["H-01", "H-00"]
+    assert store.list_cases(CaseFilter(predicted_label="normal"))[1] == 4
+    assert store.list_cases(CaseFilter(needs_review=True))[1] == 3
+    assert store.list_cases(CaseFilter(final_label="ALL", reviewer="rita"))[1] == 5
+    assert store.list_cases(CaseFilter(status="reviewed"))[1] == 5
+    assert store.list_cases(CaseFilter(task="wbc_type"))[1] == 0
+    assert store.list_cases(CaseFilter(reference="H-1"))[1] == 2
+
+
+def test_agreement_statistics_match_scikit_learn(store):
+    truth = ["ALL", "ALL", "normal", "normal", "ALL", "normal"]
+    predicted = ["ALL", "normal", "normal", "normal", "ALL", "ALL"]
+    for k, (p, t) in enumerate(zip(predicted, truth)):
+        case_id = store.save_case(f"A-{k}", "adam", [crop(200 + k, label=p)])
+        store.review(store.case(case_id).images[0].id, "rita", t)
+    stats = store.agreement()["model-a"]
+    assert stats["n"] == 6 and stats["accuracy"] == pytest.approx(4 / 6)
+    assert stats["kappa"] == pytest.approx(cohen_kappa_score(predicted, truth))
+    assert stats["confusion"]["ALL"]["normal"] == 1 and stats["confusion"]["normal"]["ALL"] == 1
+
+
+def test_accounts_hash_passwords_and_lock_after_repeated_failures(store):
+    with store.session() as session:
+        from sqlalchemy import select
+        from leuko.store.models import User
+        stored = session.scalar(select(User).where(User.username == "rita")).password_hash
+    assert "reviewer-pass" not in stored and stored.startswith("$argon2")
+    assert store.authenticate("rita", "reviewer-pass").role == "reviewer"
+    for _ in range(5):
+        with pytest.raises(PermissionDenied, match="wrong password"):
+            store.authenticate("rita", "guess")
+    with pytest.raises(PermissionDenied, match="too many failed attempts"):
+        store.authenticate("rita", "reviewer-pass")
+    with pytest.raises(StoreError, match="at least 8"):
+        store.create_user("bob", "short", "analyst")
+    with pytest.raises(StoreError, match="role"):
+        store.create_user("bob", "long-enough", "superuser")
+
+
+def test_exports_csv_pdf_and_a_dataset_training_can_read(store, tmp_path):
+    case_id = store.save_case("=HYPERLINK(\"x\")", "adam", [crop(300), crop(301, label="normal")],
+                              clinical={"wbc": 40.0, "platelets": 30.0, "age": 6})
+    images = store.case(case_id).images
+    store.review(images[0].id, "rita", "ALL", "-clear blast")
+    store.review(images[1].id, "rita", "normal")
+    store.sign_off(case_id, "rita")
+    rows = list(csv.reader(io.StringIO(cases_csv(store))))
+    assert rows[1][0].startswith("'=") and rows[1][11] == "ALL" and rows[1][13] == "rita"
+    assert safe_cell("@cmd") == "'@cmd" and safe_cell("plain") == "plain"
+    pdf = case_pdf(store, case_id, tmp_path / "case.pdf", {"model-a": "EfficientNet-Lite0, test accuracy 0.95"})
+    assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 2000
+    manifest = export_dataset(store, tmp_path / "dataset", "all_binary")
+    samples = read_manifest(manifest, get_task("all_binary"), "train")
+    assert sorted(s.label for s in samples) == [0, 1] and all(s.path.is_file() for s in samples)
+    assert "cell300" not in manifest.read_text()
+
+
+WRITER = """
+import sys
+from leuko.store import CaseStore, ImageInput, PredictionInput
+store = CaseStore(url=sys.argv[1], home=sys.argv[2])
+prefix, count = sys.argv[3], int(sys.argv[4])
+for k in range(count):
+    data = (prefix + str(k)).encode() * 2000
+    p = PredictionInput("m", "0" * 64, "all_binary", {"ALL": 0.7, "normal": 0.3}, "ALL", 0.7, False, 1.0,
+                        (prefix + "cam" + str(k)).encode() * 500)
+    case_id = store.save_case(prefix + str(k), "adam", [ImageInput(data, "x.png", 1, 1, prediction=p)])
+    if sys.argv[5] == "review":
+        store.review(store.case(case_id).images[0].id, "rita", "ALL")
+    print(k, flush=True)
+"""
+
+
+def test_a_writer_killed_mid_save_leaves_no_broken_rows(store, store_url, tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    process = subprocess.Popen([sys.executable, str(script), store_url, str(store.home), "K-", "100000", "none"],
+                               stdout=subprocess.PIPE, text=True)
+    for _ in range(5):
+        process.stdout.readline()
+    time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    report = store.check()
+    assert report.missing_files == []
+    repaired = store.check(repair=True)
+    assert store.check().ok and repaired.repaired
+    rows, total = store.list_cases(CaseFilter(reference="K-"), page_size=10**6)
+    assert total >= 5
+    for row in rows:
+        image = store.case(row["id"]).images[0]
+        assert store.files.path(image.stored_path).is_file()
+
+
+def test_threads_and_processes_save_400_cases_without_loss(store, store_url, tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    processes = [subprocess.Popen([sys.executable, str(script), store_url, str(store.home), f"P{p}-", "50", "review"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for p in range(4)]
+    errors = []
+
+    def thread_writer(t: int) -> None:
+        local = CaseStore(url=store_url, home=store.home)
+        try:
+            for k in range(25):
+                case_id = local.save_case(f"T{t}-{k}", "adam", [crop(1000 + t * 100 + k)])
+                local.review(local.case(case_id).images[0].id, "rita", "ALL")
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(exc))
+        finally:
+            local.close()
+
+    threads = [threading.Thread(target=thread_writer, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    outputs = [p.communicate(timeout=300)[1] for p in processes]
+    assert errors == [] and all(p.returncode == 0 for p in processes), (errors, outputs)
+    assert not any("locked" in o for o in outputs)
+    assert store.list_cases(page_size=1)[1] == 400
+    assert store.list_cases(CaseFilter(status="reviewed"), page_size=1)[1] == 400
+    assert store.check().ok
+
+
+def test_store_check_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LEUKO_HOME", str(tmp_path))
+    monkeypatch.delenv("LEUKO_DB_URL", raising=False)
+    local = CaseStore()
+    local.save_case("CLI-1", "adam", [crop(1)])
+    (local.files.root / "ab").mkdir(parents=True, exist_ok=True)
+    (local.files.root / "ab" / "orphan.png").write_bytes(b"x")
+    assert main(["store", "check"]) == 1
+    assert "orphan file: ab/orphan.png" in capsys.readouterr().out
+    assert main(["store", "check", "--repair"]) == 0
+    assert main(["store", "check"]) == 0 and "store consistent" in capsys.readouterr().out
