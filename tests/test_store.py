@@ -232,15 +232,17 @@ def test_threads_and_processes_save_400_cases_without_loss(store, store_url, tmp
     errors = []
 
     def thread_writer(t: int) -> None:
-        local = CaseStore(url=store_url, home=store.home)
+        local = None
         try:
+            local = CaseStore(url=store_url, home=store.home)
             for k in range(25):
                 case_id = local.save_case(f"T{t}-{k}", "adam", [crop(1000 + t * 100 + k)])
                 local.review(local.case(case_id).images[0].id, "rita", "ALL")
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(repr(exc))
         finally:
-            local.close()
+            if local is not None:
+                local.close()
 
     threads = [threading.Thread(target=thread_writer, args=(t,)) for t in range(8)]
     for thread in threads:

@@ -9,11 +9,12 @@ concurrent writers queue instead of failing with "database is locked".
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 
 from leuko.paths import leuko_home
@@ -60,12 +61,22 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+_UPGRADE_LOCK = threading.Lock()
+PG_MIGRATION_LOCK = 7_365_301
+
+
 def upgrade(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (run when the app starts)."""
+    """Bring the schema to the newest Alembic revision (run when the app starts).
+
+    Alembic's command context is process-global, so upgrades are serialised within a
+    process; on PostgreSQL an advisory lock serialises servers starting together.
+    """
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     try:
-        with engine.begin() as connection:
+        with _UPGRADE_LOCK, engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text(f"SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})"))
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
     except OperationalError as exc:
