@@ -13,7 +13,7 @@ from sklearn.metrics import cohen_kappa_score
 
 from leuko.cli import main
 from leuko.data import read_manifest
-from leuko.store import (CaseFilter, CaseStore, CellInput, ImageInput, PermissionDenied, PredictionInput, StoreError)
+from leuko.store import (CaseFilter, CaseStore, CellEntry, ImageEntry, PermissionDenied, PredictionEntry, StoreError)
 from leuko.store.export import case_pdf, cases_csv, export_dataset, safe_cell
 from leuko.store.models import AuditEvent
 from leuko.tasks import get_task
@@ -54,14 +54,14 @@ def png(label=0, seed=0) -> bytes:
     return buffer.getvalue()
 
 
-def prediction(label="ALL", confidence=0.9, needs_review=False, cam=True) -> PredictionInput:
+def prediction(label="ALL", confidence=0.9, needs_review=False, cam=True) -> PredictionEntry:
     other = "normal" if label == "ALL" else "ALL"
-    return PredictionInput("model-a", "a" * 64, "all_binary", {label: confidence, other: 1 - confidence}, label,
+    return PredictionEntry("model-a", "a" * 64, "all_binary", {label: confidence, other: 1 - confidence}, label,
                            confidence, needs_review, 12.5, png(1, 99) if cam else None)
 
 
-def crop(seed=0, **kwargs) -> ImageInput:
-    return ImageInput(png(0, seed), f"cell{seed}.png", 32, 32, "crop", prediction(**kwargs))
+def crop(seed=0, **kwargs) -> ImageEntry:
+    return ImageEntry(png(0, seed), f"cell{seed}.png", 32, 32, "crop", prediction(**kwargs))
 
 
 def test_a_saved_case_comes_back_whole_with_its_files(store):
@@ -80,9 +80,9 @@ def test_a_saved_case_comes_back_whole_with_its_files(store):
 
 
 def test_sign_off_needs_every_item_reviewed_and_the_reviewer_role(store):
-    field = ImageInput(png(0, 5), "field.png", 200, 100, "field",
-                       cells=[CellInput((0, 0, 30, 30), False, png(1, 6), {"nc_ratio": 2.0}, prediction()),
-                              CellInput((50, 0, 30, 30), True, png(1, 7), None, prediction(needs_review=True))])
+    field = ImageEntry(png(0, 5), "field.png", 200, 100, "field",
+                       cells=[CellEntry((0, 0, 30, 30), False, png(1, 6), {"nc_ratio": 2.0}, prediction()),
+                              CellEntry((50, 0, 30, 30), True, png(1, 7), None, prediction(needs_review=True))])
     case_id = store.save_case("C-2", "adam", [crop(4), field])
     case = store.case(case_id)
     image, field_image = case.images
@@ -189,14 +189,14 @@ def test_exports_csv_pdf_and_a_dataset_training_can_read(store, tmp_path):
 
 WRITER = """
 import sys
-from leuko.store import CaseStore, ImageInput, PredictionInput
+from leuko.store import CaseStore, ImageEntry, PredictionEntry
 store = CaseStore(url=sys.argv[1], home=sys.argv[2])
 prefix, count = sys.argv[3], int(sys.argv[4])
 for k in range(count):
     data = (prefix + str(k)).encode() * 2000
-    p = PredictionInput("m", "0" * 64, "all_binary", {"ALL": 0.7, "normal": 0.3}, "ALL", 0.7, False, 1.0,
+    p = PredictionEntry("m", "0" * 64, "all_binary", {"ALL": 0.7, "normal": 0.3}, "ALL", 0.7, False, 1.0,
                         (prefix + "cam" + str(k)).encode() * 500)
-    case_id = store.save_case(prefix + str(k), "adam", [ImageInput(data, "x.png", 1, 1, prediction=p)])
+    case_id = store.save_case(prefix + str(k), "adam", [ImageEntry(data, "x.png", 1, 1, prediction=p)])
     if sys.argv[5] == "review":
         store.review(store.case(case_id).images[0].id, "rita", "ALL")
     print(k, flush=True)

@@ -40,7 +40,7 @@ class PermissionDenied(StoreError):
 
 
 @dataclass
-class PredictionInput:
+class PredictionEntry:
     """A prediction to log. ``probabilities`` maps class ids to calibrated probabilities;
     ``cam_png``/``mask_png`` are optional overlay files; ``latency_ms`` in milliseconds."""
 
@@ -57,18 +57,18 @@ class PredictionInput:
 
 
 @dataclass
-class CellInput:
+class CellEntry:
     """A cell of a field image: box (x, y, width, height in pixels), crop and results."""
 
     box: tuple[int, int, int, int]
     touches_border: bool = False
     crop_png: bytes | None = None
     morphometrics: dict | None = None
-    prediction: PredictionInput | None = None
+    prediction: PredictionEntry | None = None
 
 
 @dataclass
-class ImageInput:
+class ImageEntry:
     """An image to log: its original bytes, name, kind (crop or field) and results."""
 
     data: bytes
@@ -76,8 +76,8 @@ class ImageInput:
     width: int
     height: int
     kind: str = "crop"
-    prediction: PredictionInput | None = None
-    cells: list[CellInput] = field(default_factory=list)
+    prediction: PredictionEntry | None = None
+    cells: list[CellEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -226,7 +226,7 @@ class CaseStore:
 
     # cases ------------------------------------------------------------------------------
 
-    def _store_prediction(self, prediction: PredictionInput, image_id: int, cell_id: int | None,
+    def _store_prediction(self, prediction: PredictionEntry, image_id: int, cell_id: int | None,
                           created: list[str]) -> Prediction:
         cam = self.files.put(prediction.cam_png, ".png", created)[0] if prediction.cam_png else None
         mask = self.files.put(prediction.mask_png, ".png", created)[0] if prediction.mask_png else None
@@ -236,7 +236,7 @@ class CaseStore:
                           confidence=prediction.confidence, needs_review=prediction.needs_review,
                           cam_path=cam, mask_path=mask, latency_ms=prediction.latency_ms)
 
-    def save_case(self, reference: str, created_by: str, images: list[ImageInput], notes: str = "",
+    def save_case(self, reference: str, created_by: str, images: list[ImageEntry], notes: str = "",
                   clinical: dict | None = None) -> int:
         """Log a case with its images and results; returns the case id.
 
