@@ -331,15 +331,21 @@ def segment_image(rgb: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], 
 
 def make_segmenter(method: str = "auto", model_id: str | None = None,
                    device: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A crop -> mask function. ``auto`` takes the learned segmenter when one is installed
-    (it is the better one on validation, see the README) and the classical one otherwise."""
+    """A crop -> mask function. ``auto`` takes whichever segmenter had the higher mean Dice
+    on the validation masks (both are measured when the learned one is trained, and kept in
+    its card), and the classical one when no learned segmenter is installed."""
     from leuko.modelstore import ModelNotFoundError
+    from leuko.segtrain import mean_dice
 
     if method == "classical":
         return classical_segment
     try:
-        return LearnedSegmenter(model_id, device=device).segment
+        learned = LearnedSegmenter(model_id, device=device)
     except ModelNotFoundError:
         if method == "learned":
             raise
         return classical_segment
+    metrics = learned.card.metrics
+    if method == "auto" and "classical_val" in metrics and mean_dice(metrics["classical_val"]) > mean_dice(metrics["val"]):
+        return classical_segment
+    return learned.segment

@@ -123,6 +123,11 @@ def dice_iou(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return out
 
 
+def mean_dice(rows: list[dict]) -> float:
+    """Mean of nucleus, cytoplasm and cell Dice over the datasets of an evaluation table."""
+    return float(np.mean([[r["nucleus_dice"], r["cytoplasm_dice"], r["cell_dice"]] for r in rows]))
+
+
 def evaluate_masks(segment: Callable[[np.ndarray], np.ndarray], samples: Sequence[MaskSample]) -> pd.DataFrame:
     """Mean Dice/IoU per dataset (and ``ms_per_image``) of a mask function over samples."""
     rows = []
@@ -200,8 +205,11 @@ def train_segmenter(config: SegTrainConfig, callbacks: Iterable[Callback] = (), 
                      intended_use="Nucleus/cytoplasm masks of single leukocyte crops for morphometrics and overlays.",
                      limitations="Trained on ALL-IDB2 and two small WBC sets (Zheng et al. 2018); masks of cells from "
                                  "other stains or magnifications must be checked by eye.")
+    from leuko.segment import classical_segment
+
     segmenter = LearnedSegmenter.from_network(network, card)
     card.metrics = {split: evaluate_masks(segmenter.segment, mask_samples(split, root)).reset_index().to_dict("records")
                     for split in ("val", "test")}
+    card.metrics["classical_val"] = evaluate_masks(classical_segment, mask_samples("val", root)).reset_index().to_dict("records")
     (store or ModelStore()).save(network, card, half=True, folder=folder)
     return card
