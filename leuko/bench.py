@@ -217,3 +217,47 @@ def format_rows(rows: list[BenchRow]) -> str:
                      f"{min(ratios):.2f}x to {max(ratios):.2f}x (geometric mean "
                      f"{float(np.exp(np.mean(np.log(ratios)))):.2f}x)")
     return "\n".join(lines)
+
+
+def store_benchmarks(cases: int = 10_000, repeats: int = 30) -> list[BenchRow]:
+    """Saving one case (one image, its prediction and CAM) on SQLite, and the history query
+    (first page, filtered by task and needs-review) over ``cases`` cases, in a temporary home."""
+    import io
+    import tempfile
+    from pathlib import Path
+
+    from sqlalchemy import insert
+
+    from leuko.store import CaseFilter, CaseStore, ImageEntry, PredictionEntry
+    from leuko.store.models import Case, ImageRecord, Prediction
+
+    buffer = io.BytesIO()
+    sample_crop().save(buffer, "PNG")
+    image_bytes = buffer.getvalue()
+    with tempfile.TemporaryDirectory() as home:
+        store = CaseStore(home=Path(home), url=f"sqlite:///{Path(home) / 'bench.db'}")
+        counter = iter(range(10**9))
+
+        def save() -> None:
+            k = next(counter)
+            entry = PredictionEntry("bench", "0" * 64, "all_binary", {"ALL": 0.8, "normal": 0.2}, "ALL", 0.8, False,
+                                    10.0, image_bytes[:-8] + k.to_bytes(8, "little"))
+            store.save_case(f"S-{k}", "bench", [ImageEntry(image_bytes, "cell.png", 257, 257, prediction=entry)])
+
+        save_ms = timed(save, repeats)
+        with store.engine.begin() as connection:
+            connection.execute(insert(Case), [{"reference": f"B-{k}", "notes": "", "created_by": "bench", "status": "new"}
+                                              for k in range(cases)])
+            ids = [row[0] for row in connection.exec_driver_sql("SELECT id FROM cases WHERE reference LIKE 'B-%'")]
+            connection.execute(insert(ImageRecord), [{"case_id": i, "sha256": "0" * 64, "original_name": "x.png",
+                                                      "stored_path": "x", "size_bytes": 1, "width": 1, "height": 1,
+                                                      "kind": "crop"} for i in ids])
+            images = [row[0] for row in connection.exec_driver_sql("SELECT id FROM images")]
+            connection.execute(insert(Prediction), [{"image_id": i, "model_id": "bench", "weights_sha256": "0" * 64,
+                                                     "task": "all_binary", "probabilities": {"ALL": 0.5},
+                                                     "label": "ALL", "confidence": 0.5, "needs_review": i % 5 == 0}
+                                                    for i in images])
+        query_ms = timed(lambda: store.list_cases(CaseFilter(task="all_binary", needs_review=True), 1, 50), 10)
+        store.close()
+    return [BenchRow("case log: save one case (SQLite)", "ms", save_ms),
+            BenchRow(f"case log: history query over {cases} cases", "ms", query_ms)]

@@ -256,7 +256,7 @@ def _evaluate_cam(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from leuko.bench import format_rows, run_benchmarks, training_throughput
+    from leuko.bench import format_rows, run_benchmarks, store_benchmarks, training_throughput
     from leuko.device import describe_device, pick_device
 
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -265,6 +265,8 @@ def _bench(args: argparse.Namespace) -> int:
         rows = run_benchmarks(device, args.repeats)
         if not args.skip_training:
             rows.append(training_throughput(device=device))
+        if device == devices[0]:
+            rows += store_benchmarks()
         print(format_rows(rows))
     return 0
 

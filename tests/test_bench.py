@@ -16,3 +16,10 @@ def test_timing_and_flop_counting():
     assert timed(lambda: sum(range(1000)), repeats=3, warmup=1) >= 0.0
     flops = model_flops(build_model("efficientnet_lite0", 2).eval(), 224, torch.device("cpu"))
     assert 0.7e9 < flops < 1.0e9
+
+
+def test_store_benchmark_measures_save_and_history_query():
+    from leuko.bench import store_benchmarks
+    rows = store_benchmarks(cases=200, repeats=3)
+    assert [r.unit for r in rows] == ["ms", "ms"] and all(r.value > 0 for r in rows)
+    assert "200 cases" in rows[1].name
