@@ -7,6 +7,7 @@ reference measured moments before in the same process.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ class NaiveClassifier:
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
-        self.network = predictor.network
+        self.network = copy.deepcopy(predictor.network)
         config = predictor.card.input_config
         self.size, self.mean, self.std = config.input_size, list(config.mean), list(config.std)
 
