@@ -2,7 +2,8 @@
 
 import streamlit as st
 
-from leuko.ui.status import model_status_section, runtime_summary
+from leuko.ui.auth import login_section
+from leuko.ui.status import database_summary, model_status_section, runtime_summary
 
 st.set_page_config(page_title="Leuko", page_icon="assets/leuko.svg", layout="wide")
 st.title("Leuko: acute leukemia screening support")
@@ -13,7 +14,9 @@ st.markdown(
     "It is **decision support, not a diagnosis**. Every result must be reviewed by a qualified "
     "person; a low-confidence result is flagged for review."
 )
+login_section()
 st.subheader("Runtime")
 st.markdown(runtime_summary())
+st.markdown(database_summary())
 st.subheader("Installed models")
 model_status_section()

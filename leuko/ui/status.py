@@ -14,6 +14,20 @@ def runtime_summary() -> str:
     return f"Models run on: {describe_device(pick_device(None))}"
 
 
+def database_summary() -> str:
+    """Which database the case log uses and how many cases it holds, or why it is unreachable."""
+    from leuko.store import StoreUnavailableError
+    from leuko.ui.auth import case_store
+
+    try:
+        store = case_store()
+        total = store.list_cases(page_size=1)[1]
+    except StoreUnavailableError as exc:
+        return f"Case log unavailable: {exc}. Analyses can still be run; nothing is saved until it is back."
+    kind = store.engine.dialect.name
+    return f"Case log: {'SQLite' if kind == 'sqlite' else kind.capitalize()} database, {total} case(s)"
+
+
 def model_status_table(store: ModelStore | None = None) -> pd.DataFrame:
     """One row per installed model: task, architecture, test accuracy, integrity, default."""
     store = store or ModelStore()
