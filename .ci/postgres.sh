@@ -9,7 +9,7 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
 fi
 bin=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)")
 data=$(mktemp -d /tmp/leuko-pg.XXXXXX)
-port=${LEUKO_PG_PORT:-55432}
+port=${LEUKO_PG_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 chown postgres "$data"
 su postgres -s /bin/sh -c "'$bin/initdb' -D '$data' -U leuko --auth=trust -E UTF8" >&2
 su postgres -s /bin/sh -c "'$bin/pg_ctl' -D '$data' -o '-p $port -k /tmp -h 127.0.0.1' -l '$data/log' -w start" >&2
