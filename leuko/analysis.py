@@ -1,0 +1,229 @@
+"""One analysis of one image: classify, explain, segment and measure every cell, summarise.
+
+This is what the dashboard's Analyze page and the case log run. An :class:`Analyzer` loads
+the classifier, its CAM object and the segmenter once and reuses them for every image. A
+single-cell crop gives one cell; a field image gives every leukocyte found, each classified
+and explained, and a differential count.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from leuko.clinical import ClinicalValues, Flag, flags
+from leuko.explain import Explainer, energy_inside, overlay
+from leuko.images import ImageInput, load_image
+from leuko.morphometrics import measure_cell
+from leuko.predict import Prediction, Predictor
+from leuko.segment import Cell, make_segmenter, segment_image
+from leuko.store import CellEntry, ImageEntry, PredictionEntry
+from leuko.tasks import Task
+
+OFF_CELL_ENERGY = 0.5
+"""Below this share of CAM energy inside the segmented cell, the summary warns that the
+model looked mostly outside the cell."""
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What to load: the task, a model id (``None``: the task's default), the device
+    (``None``/``auto``, ``cpu``, ``cuda``) and the segmenter (``auto``, ``learned``,
+    ``classical``)."""
+
+    task: str
+    model_id: str | None = None
+    device: str | None = None
+    segmenter: str = "auto"
+
+
+@dataclass
+class CellResult:
+    """One analysed cell: its box in the image (x, y, w, h pixels), crop, mask
+    (0/128/255), prediction, CAM (0-1, crop-sized), its share inside the cell, morphometrics;
+    the last two are ``None`` when segmentation found no cell in a crop."""
+
+    index: int
+    box: tuple[int, int, int, int]
+    touches_border: bool
+    crop: np.ndarray
+    mask: np.ndarray
+    prediction: Prediction
+    cam: np.ndarray
+    cam_inside_cell: float | None
+    morphometrics: dict | None
+
+    def cam_overlay(self, opacity: float = 0.45, contours: bool = False) -> np.ndarray:
+        return overlay(self.crop, self.cam, opacity=opacity, contour_mask=self.mask if contours else None)
+
+
+@dataclass
+class ImageAnalysis:
+    """The analysis of one image: kind (crop or field), its cells, the whole-image mask,
+    CBC flags, the model used and the time taken (milliseconds)."""
+
+    name: str
+    rgb: np.ndarray
+    kind: str
+    task: Task
+    model_id: str
+    weights_sha256: str
+    cam_method: str
+    mask: np.ndarray
+    cells: list[CellResult]
+    flags: list[Flag] = field(default_factory=list)
+    latency_ms: float = 0.0
+
+    @property
+    def needs_review(self) -> bool:
+        """True when no cell was found or any cell's result is below the review threshold."""
+        return not self.cells or any(c.prediction.needs_review for c in self.cells)
+
+    def differential(self) -> list[dict]:
+        """Per class: count and percentage of the cells (whole cells and cut ones alike)."""
+        total = len(self.cells)
+        rows = []
+        for info in self.task.classes:
+            count = sum(c.prediction.label == info.id for c in self.cells)
+            rows.append({"class": info.display, "cells": count, "percent": 100.0 * count / total if total else 0.0})
+        return rows
+
+    def blast_percent(self) -> float | None:
+        """Share of cells read as blasts (%), for tasks that have blast classes."""
+        if not self.task.blast_classes or not self.cells:
+            return None
+        blasts = sum(c.prediction.label in self.task.blast_classes for c in self.cells)
+        return 100.0 * blasts / len(self.cells)
+
+    def morphometrics_rows(self) -> list[dict]:
+        return [{"cell": c.index, "label": c.prediction.label, "confidence": c.prediction.confidence,
+                 "touches_border": c.touches_border, **(c.morphometrics or {})} for c in self.cells]
+
+    def summary(self) -> str:
+        """A plain-language reading of the result that says when a person must look."""
+        lines = []
+        if not self.cells:
+            return ("No white blood cell was found in this image, so nothing was classified. "
+                    "Check that the image is a stained blood smear and that a leukocyte is in view.")
+        if self.kind == "crop":
+            cell = self.cells[0]
+            info = self.task.info(cell.prediction.label)
+            lines.append(f"The model reads this cell as **{info.display}** with "
+                         f"{cell.prediction.confidence:.0%} confidence. {info.meaning}")
+            if cell.prediction.needs_review:
+                lines.append("**The model is unsure** (confidence below its review threshold): "
+                             "a hematologist must look at this cell before anything is concluded.")
+            if cell.morphometrics is None:
+                lines.append("Segmentation found no cell outline in this crop, so no morphometrics are given; "
+                             "check that the crop is centred on one white cell.")
+            elif cell.cam_inside_cell < OFF_CELL_ENERGY:
+                lines.append(f"Only {cell.cam_inside_cell:.0%} of the model's attention falls on the cell itself; "
+                             "the result may rest on the background and deserves extra care.")
+        else:
+            cut = sum(c.touches_border for c in self.cells)
+            unsure = sum(c.prediction.needs_review for c in self.cells)
+            lines.append(f"{len(self.cells)} white cell(s) found"
+                         + (f", {cut} cut by the image border" if cut else "") + ".")
+            counts = ", ".join(f"{r['class']} {r['cells']} ({r['percent']:.0f}%)" for r in self.differential() if r["cells"])
+            lines.append(f"Differential: {counts}.")
+            blasts = self.blast_percent()
+            if blasts is not None:
+                lines.append(f"Cells read as blasts: {blasts:.0f}%.")
+            if unsure:
+                lines.append(f"**{unsure} cell(s) are below the review threshold**: a hematologist must review them.")
+        lines += [f"CBC: {flag.describe()}" for flag in self.flags]
+        lines.append("This is decision support, not a diagnosis.")
+        return "\n\n".join(lines)
+
+    def to_entry(self, data: bytes) -> ImageEntry:
+        """The case-log entry for this analysis; ``data`` is the original file's bytes."""
+        height, width = self.rgb.shape[:2]
+        entry = ImageEntry(data=data, original_name=self.name, width=width, height=height, kind=self.kind)
+        if self.kind == "crop" and self.cells:
+            entry.prediction = self._prediction_entry(self.cells[0])
+        elif self.kind == "field":
+            entry.cells = [CellEntry(box=c.box, touches_border=c.touches_border, crop_png=png_bytes(c.crop),
+                                     morphometrics=c.morphometrics, prediction=self._prediction_entry(c, crop_png=False))
+                           for c in self.cells]
+        return entry
+
+    def _prediction_entry(self, cell: CellResult, crop_png: bool = True) -> PredictionEntry:
+        return PredictionEntry(model_id=self.model_id, weights_sha256=self.weights_sha256, task=self.task.id,
+                               probabilities=cell.prediction.as_dict(), label=cell.prediction.label,
+                               confidence=cell.prediction.confidence, needs_review=cell.prediction.needs_review,
+                               latency_ms=self.latency_ms / max(1, len(self.cells)),
+                               cam_png=png_bytes(cell.cam_overlay()), mask_png=png_bytes(cell.mask))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """PNG encoding of an RGB or single-channel uint8 array."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Analyzer:
+    """Loads a classifier, its explainer and a segmenter once; analyses images with them.
+
+    Raises :class:`leuko.modelstore.ModelNotFoundError` when the task has no model installed
+    and :class:`leuko.device.DeviceError` when CUDA is asked for where there is none.
+    """
+
+    def __init__(self, settings: AnalysisSettings) -> None:
+        self.settings = settings
+        self.predictor = Predictor(settings.model_id, task=settings.task, device=settings.device)
+        self.explainer = Explainer(self.predictor)
+        self.segment = make_segmenter(settings.segmenter, device=settings.device)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.explainer.close()
+
+    def __enter__(self) -> "Analyzer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def analyze(self, source: ImageInput, name: str = "image", clinical: ClinicalValues | None = None,
+                class_id: str | None = None, cam_method: str = "gradcam", kind: str = "auto",
+                pixel_size_um: float | None = None) -> ImageAnalysis:
+        """Analyse one image. ``clinical`` adds CBC flags (and feeds fusion models);
+        ``class_id`` explains that class instead of each cell's predicted one; ``kind`` is
+        ``auto``, ``crop`` or ``field``; ``pixel_size_um`` (micrometres per pixel) adds areas
+        in square micrometres. Safe to call from several threads (calls run one at a time).
+
+        Raises :class:`leuko.images.ImageError` for an unreadable or oversized image and
+        :class:`leuko.clinical.ClinicalValueError` for impossible clinical values.
+        """
+        with self._lock:
+            return self._analyze(source, name, clinical, class_id, cam_method, kind, pixel_size_um)
+
+    def _analyze(self, source: ImageInput, name: str, clinical: ClinicalValues | None, class_id: str | None,
+                 method: str, kind: str, pixel_size_um: float | None) -> ImageAnalysis:
+        started = time.perf_counter()
+        cbc_flags = flags(clinical) if clinical is not None else []
+        rgb = np.asarray(load_image(source))
+        segmented = segment_image(rgb, self.segment, kind)
+        if segmented.kind == "crop" and not segmented.cells:
+            segmented.cells = [Cell((0, 0, rgb.shape[1], rgb.shape[0]), rgb, segmented.mask, False)]
+        crops = [c.crop for c in segmented.cells]
+        predictions = self.predictor.predict(crops, clinical=[clinical] * len(crops)) if crops else []
+        cells = []
+        for index, (cell, prediction) in enumerate(zip(segmented.cells, predictions), start=1):
+            explanation = self.explainer.explain(cell.crop, class_id or prediction.label, method)
+            segmented_cell = bool(cell.mask.any())
+            measures = measure_cell(cell.mask, cell.crop, pixel_size_um).as_dict() if segmented_cell else None
+            inside = energy_inside(explanation.cam, cell.mask) if segmented_cell else None
+            cells.append(CellResult(index, cell.box, cell.touches_border, cell.crop, cell.mask, prediction,
+                                    explanation.cam, inside, measures))
+        card = self.predictor.card
+        return ImageAnalysis(name=name, rgb=rgb, kind=segmented.kind, task=self.predictor.task, model_id=card.id,
+                             weights_sha256=card.weights_sha256, cam_method=method,
+                             mask=segmented.mask, cells=cells, flags=cbc_flags,
+                             latency_ms=(time.perf_counter() - started) * 1000)
