@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -158,6 +159,36 @@ class ImageAnalysis:
                                confidence=cell.prediction.confidence, needs_review=cell.prediction.needs_review,
                                latency_ms=self.latency_ms / max(1, len(self.cells)),
                                cam_png=png_bytes(cell.cam_overlay()), mask_png=png_bytes(cell.mask))
+
+
+MASK_COLOURS = {128: (80, 200, 255), 255: (150, 30, 200)}
+"""Overlay colours (RGB) of the cytoplasm and nucleus labels."""
+
+
+def mask_overlay(rgb: np.ndarray, mask: np.ndarray, opacity: float = 0.45) -> np.ndarray:
+    """The segmentation (cytoplasm light blue, nucleus purple) blended over the image with
+    ``opacity`` 0-1, with the cell and nucleus outlines drawn."""
+    tinted = rgb.copy()
+    for level, colour in MASK_COLOURS.items():
+        tinted[mask == level] = colour
+    blended = cv2.addWeighted(rgb, 1.0 - opacity, tinted, opacity, 0.0)
+    for level, colour in ((1, (255, 255, 255)), (255, (40, 0, 60))):
+        contours, _ = cv2.findContours((mask >= level).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(blended, contours, -1, colour, max(1, min(rgb.shape[:2]) // 200))
+    return blended
+
+
+def boxes_overlay(analysis: "ImageAnalysis") -> np.ndarray:
+    """A field image with each found cell's box and number; red boxes need review."""
+    drawn = analysis.rgb.copy()
+    thickness = max(2, min(drawn.shape[:2]) // 300)
+    for cell in analysis.cells:
+        x, y, w, h = cell.box
+        colour = (220, 30, 30) if cell.prediction.needs_review else (20, 160, 60)
+        cv2.rectangle(drawn, (x, y), (x + w, y + h), colour, thickness)
+        cv2.putText(drawn, str(cell.index), (x + 4, y + 10 * thickness), cv2.FONT_HERSHEY_SIMPLEX,
+                    thickness / 3, colour, thickness)
+    return drawn
 
 
 def png_bytes(array: np.ndarray) -> bytes:

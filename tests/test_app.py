@@ -33,5 +33,5 @@ def test_sign_in_uses_the_case_log_accounts(leuko_home):
 
 
 def test_models_page_lists_installed_models(leuko_home):
-    app = AppTest.from_file(str(REPO_ROOT / "pages" / "1_Models.py"), default_timeout=60).run()
+    app = AppTest.from_file(str(REPO_ROOT / "pages" / "4_Models.py"), default_timeout=60).run()
     assert not app.exception and app.title[0].value == "Models"

@@ -1,0 +1,224 @@
+"""Widgets of the Analyze page: settings, CBC form, image inputs, results, saving a case."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+
+import pandas as pd
+import streamlit as st
+
+from leuko.analysis import AnalysisSettings, Analyzer, ImageAnalysis, boxes_overlay, mask_overlay
+from leuko.clinical import CONVERSIONS, LABELS, UNITS, ClinicalValueError, ClinicalValues, convert, validate
+from leuko.device import DeviceError
+from leuko.examples import PUBLIC_DATASETS, examples_root, find_examples
+from leuko.explain import CAM_METHODS
+from leuko.images import IMAGE_SUFFIXES, ImageError
+from leuko.modelstore import ModelIntegrityError, ModelNotFoundError, ModelStore
+from leuko.store import StoreError, StoreUnavailableError
+from leuko.tasks import TASKS
+from leuko.ui.auth import case_store, current_user
+from leuko.ui.charts import probability_bars
+
+UPLOAD_TYPES = [suffix.lstrip(".") for suffix in IMAGE_SUFFIXES]
+
+
+@dataclass
+class RunOptions:
+    """Per-run choices that do not need another model load."""
+
+    cam_method: str = "gradcam"
+    kind: str = "auto"
+    pixel_size_um: float | None = None
+    auto_save: bool = False
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model...")
+def analyzer_for(task: str, model_id: str | None, device: str, segmenter: str) -> Analyzer:
+    """One analyzer (classifier, CAM object, segmenter) per choice, shared by all sessions."""
+    return Analyzer(AnalysisSettings(task, model_id, None if device == "auto" else device, segmenter))
+
+
+def settings_sidebar() -> tuple[AnalysisSettings, RunOptions]:
+    """Task, model, CAM method, device, segmenter, image kind and pixel size, in the sidebar."""
+    with st.sidebar:
+        st.header("Analysis settings")
+        task = st.selectbox("Task", list(TASKS), format_func=lambda t: TASKS[t].title)
+        store = ModelStore()
+        cards = store.cards(task)
+        try:
+            default = store.default_id(task)
+        except ModelNotFoundError:
+            default = None
+        ids = sorted((c.id for c in cards), key=lambda i: i != default)
+        model = st.selectbox("Model", ids or ["(none installed)"],
+                             format_func=lambda i: f"{i} (default)" if i == default else i)
+        cam = st.selectbox("Explanation", list(CAM_METHODS), help="ScoreCAM is much slower than the others.")
+        device = st.selectbox("Device", ["auto", "cpu", "cuda"], help="auto: the GPU when there is one")
+        segmenter = st.selectbox("Segmenter", ["auto", "learned", "classical"],
+                                 help="auto: whichever scored the higher Dice on the validation masks")
+        kind = st.selectbox("Image kind", ["auto", "crop", "field"],
+                            help="auto: images at least 600 px on the longer side are fields of view")
+        pixel = st.number_input("Pixel size (micrometres per pixel)", min_value=0.0, max_value=10.0, value=None,
+                                step=0.01, help="Optional; gives areas in square micrometres")
+        auto_save = st.checkbox("Save each analysis as a case automatically", value=False)
+    settings = AnalysisSettings(task, model if ids else None, device, segmenter)
+    return settings, RunOptions(cam, kind, pixel or None, auto_save)
+
+
+def cbc_form() -> tuple[ClinicalValues | None, str | None]:
+    """Optional CBC and clinical values with units. Returns the validated values (``None``
+    when nothing was entered) and the validation message when a value is impossible."""
+    with st.expander("CBC and clinical values (optional)"):
+        entered: dict = {}
+        columns = st.columns(3)
+        for position, item in enumerate(fields(ClinicalValues)):
+            column = columns[position % 3]
+            name = item.name
+            if name == "sex":
+                sex = column.selectbox("Sex", ["not given", "female", "male"])
+                if sex != "not given":
+                    entered["sex"] = sex
+                continue
+            units = list(CONVERSIONS.get(name, {UNITS[name]: 1.0}))
+            value = column.number_input(f"{LABELS[name]}", value=None, step=0.1, format="%g", key=f"cbc_{name}")
+            unit = column.selectbox(f"{LABELS[name]} unit", units, key=f"unit_{name}",
+                                    label_visibility="collapsed") if len(units) > 1 else units[0]
+            if value is not None:
+                try:
+                    entered[name] = convert(name, float(value), unit)
+                except ClinicalValueError as exc:
+                    return None, str(exc)
+        if not entered:
+            return None, None
+        try:
+            values = validate(ClinicalValues(**entered))
+        except ClinicalValueError as exc:
+            st.error(f"{LABELS.get(exc.field, exc.field)}: {exc}")
+            return None, str(exc)
+        st.caption("Values accepted.")
+        return values, None
+
+
+def image_inputs(task: str) -> list[tuple[str, bytes]]:
+    """Uploaded images and chosen examples, as (file name, bytes)."""
+    uploads = st.file_uploader("Smear images: single-cell crops or whole fields of view", type=UPLOAD_TYPES,
+                               accept_multiple_files=True)
+    items = [(u.name, u.getvalue()) for u in uploads or []]
+    root = examples_root()
+    with st.expander("Example images"):
+        if root is None:
+            st.info("No example folder is configured. Set LEUKO_EXAMPLES to a folder of images (class "
+                    f"sub-folders or a manifest.csv). Public data for these tasks: {PUBLIC_DATASETS}.")
+        else:
+            examples = {e.title: e for e in find_examples(task, root)}
+            chosen = st.multiselect(f"Examples from {root}", list(examples))
+            items += [(examples[title].path.name, examples[title].path.read_bytes()) for title in chosen]
+    return items
+
+
+def run_analyses(settings: AnalysisSettings, options: RunOptions, items: list[tuple[str, bytes]],
+                 clinical: ClinicalValues | None) -> None:
+    """Analyse every image with a progress bar; results and per-file errors go to the session."""
+    try:
+        analyzer = analyzer_for(settings.task, settings.model_id, settings.device or "auto", settings.segmenter)
+    except (ModelNotFoundError, ModelIntegrityError, DeviceError) as exc:
+        st.error(f"The model could not be loaded: {exc}")
+        return
+    results, errors = [], []
+    bar = st.progress(0.0, text="Analysing...")
+    for done, (name, data) in enumerate(items, start=1):
+        try:
+            results.append((analyzer.analyze(data, name, clinical, cam_method=options.cam_method, kind=options.kind,
+                                             pixel_size_um=options.pixel_size_um), data))
+        except ImageError as exc:
+            errors.append(f"{name}: {exc}")
+        bar.progress(done / len(items), text=f"Analysed {done} of {len(items)}")
+    bar.empty()
+    st.session_state["analyses"] = results
+    st.session_state["analysis_errors"] = errors
+    st.session_state["analysis_clinical"] = clinical
+    st.session_state.pop("saved_case", None)
+    if options.auto_save and results:
+        save_case(f"CASE-{datetime.now():%Y%m%d-%H%M%S}", "")
+
+
+def show_analysis(analysis: ImageAnalysis, key: str) -> None:
+    """One image's result: label, badge, probabilities, overlays, morphometrics, summary."""
+    st.subheader(analysis.name)
+    if not analysis.cells:
+        st.warning(analysis.summary())
+        return
+    opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key=f"opacity_{key}")
+    if analysis.kind == "crop":
+        cell = analysis.cells[0]
+        badge = ":red-badge[Needs review]" if cell.prediction.needs_review else ":green-badge[Confident]"
+        info = analysis.task.info(cell.prediction.label)
+        st.markdown(f"### {info.display} — {cell.prediction.confidence:.0%} {badge}")
+        left, right = st.columns([2, 3])
+        threshold = analysis_threshold(analysis)
+        left.plotly_chart(probability_bars(analysis.task, cell.prediction.as_dict(), threshold), key=f"p_{key}")
+        contours = right.checkbox("Draw the segmentation contour on the Grad-CAM", key=f"contour_{key}")
+        images = [analysis.rgb, cell.cam_overlay(opacity, contours), mask_overlay(cell.crop, cell.mask, opacity)]
+        right.image(images, caption=["Original", f"{analysis.cam_method} for {info.display}", "Nucleus / cytoplasm"],
+                    width=200)
+    else:
+        st.markdown(f"### Field of view: {len(analysis.cells)} white cell(s)")
+        left, right = st.columns(2)
+        left.image(boxes_overlay(analysis), caption="Cells found (red: needs review)")
+        right.image(mask_overlay(analysis.rgb, analysis.mask, opacity), caption="Nucleus / cytoplasm")
+        st.markdown("**Differential count**")
+        st.dataframe(pd.DataFrame(analysis.differential()), hide_index=True)
+        st.markdown("**Cells by predicted class**")
+        for info in analysis.task.classes:
+            group = [c for c in analysis.cells if c.prediction.label == info.id]
+            if group:
+                st.markdown(f"*{info.display}* ({len(group)})")
+                st.image([c.cam_overlay(opacity) for c in group], width=110,
+                         caption=[f"#{c.index} {c.prediction.confidence:.0%}" + (" review" if c.prediction.needs_review
+                                                                               else "") for c in group])
+    with st.expander("Morphometrics"):
+        st.dataframe(pd.DataFrame(analysis.morphometrics_rows()), hide_index=True)
+    st.info(analysis.summary())
+
+
+def analysis_threshold(analysis: ImageAnalysis) -> float | None:
+    try:
+        return ModelStore().locate(analysis.model_id)[0].review_threshold
+    except ModelNotFoundError:
+        return None
+
+
+def save_case(reference: str, notes: str) -> None:
+    """Log the session's analyses as one case under the signed-in user; on failure the
+    analyses stay in the session so saving can be retried."""
+    user = current_user()
+    if user is None:
+        st.warning("Sign in (sidebar) to save cases.")
+        return
+    results = st.session_state.get("analyses", [])
+    clinical = st.session_state.get("analysis_clinical")
+    try:
+        entries = [analysis.to_entry(data) for analysis, data in results]
+        case_id = case_store().save_case(reference, user["name"], entries, notes,
+                                         clinical.present() if clinical else None)
+    except (StoreError, StoreUnavailableError) as exc:
+        st.error(f"The case was not saved: {exc}. Your results are kept; try again.")
+        return
+    st.session_state["saved_case"] = (case_id, reference)
+
+
+def save_section() -> None:
+    """The save form, or the saved case's reference."""
+    saved = st.session_state.get("saved_case")
+    if saved:
+        st.success(f"Saved as case {saved[1]} (id {saved[0]}). Review it on the Cases page.")
+        return
+    with st.form("save_case"):
+        reference = st.text_input("Case reference (pseudonymous; never a patient name)",
+                                  value=f"CASE-{datetime.now():%Y%m%d-%H%M%S}")
+        notes = st.text_area("Notes")
+        if st.form_submit_button("Save as case"):
+            save_case(reference, notes)
+            if "saved_case" in st.session_state:
+                st.rerun()

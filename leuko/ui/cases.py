@@ -1,0 +1,189 @@
+"""Widgets of the Cases page: history table, case detail, review, sign-off, export, audit."""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import datetime, time, timezone
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from leuko.store import CaseFilter, CaseStore, PermissionDenied, StoreError, StoreUnavailableError
+from leuko.store.export import case_pdf, cases_csv
+from leuko.store.models import ImageRecord
+from leuko.tasks import TASKS, get_task
+from leuko.ui.charts import confusion_heatmap
+
+PAGE_SIZE = 25
+
+
+def filters_form() -> CaseFilter:
+    """History filters: reference, status, task, predicted label, needs review, dates."""
+    with st.expander("Filters", expanded=False):
+        first, second, third = st.columns(3)
+        reference = first.text_input("Reference contains")
+        status = first.selectbox("Status", ["any", "new", "reviewed", "signed"])
+        task = second.selectbox("Task", ["any", *TASKS])
+        labels = sorted({c for t in TASKS.values() for c in t.class_ids})
+        predicted = second.selectbox("Predicted label", ["any", *labels])
+        needs_review = third.selectbox("Needs review", ["any", "yes", "no"])
+        dates = third.date_input("Created between", value=(), help="Leave empty for any date")
+    since = until = None
+    if isinstance(dates, tuple) and len(dates) == 2:
+        since = datetime.combine(dates[0], time.min, tzinfo=timezone.utc)
+        until = datetime.combine(dates[1], time.max, tzinfo=timezone.utc)
+    return CaseFilter(since=since, until=until, task=None if task == "any" else task,
+                      predicted_label=None if predicted == "any" else predicted,
+                      needs_review=None if needs_review == "any" else needs_review == "yes",
+                      status=None if status == "any" else status, reference=reference or None)
+
+
+def history_table(store: CaseStore, filters: CaseFilter) -> int | None:
+    """One page of matching cases; returns the id of the case chosen to open."""
+    page = st.session_state.get("cases_page", 1)
+    rows, total = store.list_cases(filters, page=page, page_size=PAGE_SIZE)
+    pages = max(1, -(-total // PAGE_SIZE))
+    if page > pages:
+        st.session_state["cases_page"] = page = 1
+        rows, total = store.list_cases(filters, page=1, page_size=PAGE_SIZE)
+    if not rows:
+        st.info("No case matches. Cases are created on the Analyze page.")
+        return None
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    left, middle, right = st.columns([1, 2, 1])
+    if left.button("Previous page", disabled=page <= 1):
+        st.session_state["cases_page"] = page - 1
+        st.rerun()
+    middle.caption(f"Page {page} of {pages} ({total} case(s))")
+    if right.button("Next page", disabled=page >= pages):
+        st.session_state["cases_page"] = page + 1
+        st.rerun()
+    references = {f"{r['reference']} ({r['status']})": r["id"] for r in rows}
+    chosen = st.selectbox("Open case", list(references))
+    st.download_button("Export the matching cases as CSV", cases_csv(store, filters), "leuko_cases.csv", "text/csv")
+    return references[chosen]
+
+
+def _image_bytes(store: CaseStore, relative: str | None) -> bytes | None:
+    if not relative:
+        return None
+    path = store.files.path(relative)
+    return path.read_bytes() if path.is_file() else None
+
+
+def _final_labels(image: ImageRecord) -> dict[int | None, str]:
+    return {review.cell_id: review.final_label for review in image.reviews}
+
+
+def review_image(store: CaseStore, image: ImageRecord, user: dict, locked: bool) -> None:
+    """The image with its overlays and prediction, and the reviewer's confirm/reclassify
+    controls: one choice for a crop, a gallery by predicted class for a field's cells."""
+    finals = _final_labels(image)
+    predictions = {p.cell_id: p for p in image.predictions}
+    st.markdown(f"#### {image.original_name} ({image.kind}, {image.width}x{image.height})")
+    whole = predictions.get(None)
+    pictures = [_image_bytes(store, image.stored_path)]
+    captions = ["Original"]
+    if whole:
+        pictures += [_image_bytes(store, whole.cam_path), _image_bytes(store, whole.mask_path)]
+        captions += ["Grad-CAM", "Mask"]
+    shown = [(p, c) for p, c in zip(pictures, captions) if p]
+    st.image([p for p, _ in shown], caption=[c for _, c in shown], width=220 if image.kind == "crop" else 480)
+    if image.kind == "crop" or not image.cells:
+        if whole is None:
+            st.caption("No prediction was stored for this image.")
+            return
+        task = get_task(whole.task)
+        review_flag = " — needs review" if whole.needs_review else ""
+        st.markdown(f"Model **{whole.model_id}**: {task.info(whole.label).display}, "
+                    f"{whole.confidence:.0%}{review_flag}. Final: **{finals.get(None, 'not reviewed')}**")
+        _review_form(store, image, [(None, whole.label, finals.get(None))], task, user, locked)
+        return
+    task = get_task(next(iter(predictions.values())).task)
+    by_class: dict[str, list] = {}
+    for cell in image.cells:
+        prediction = predictions.get(cell.id)
+        by_class.setdefault(prediction.label if prediction else "unclassified", []).append((cell, prediction))
+    items = []
+    for label, cells in by_class.items():
+        st.markdown(f"*{task.info(label).display if label in task.class_ids else label}* ({len(cells)})")
+        crops = [_image_bytes(store, cell.crop_path) for cell, _ in cells]
+        st.image([c for c in crops if c], width=110,
+                 caption=[f"#{cell.index} {p.confidence:.0%}" + (" review" if p and p.needs_review else "")
+                          for (cell, p), c in zip(cells, crops) if c])
+        items += [(cell.id, p.label if p else task.class_ids[0], finals.get(cell.id)) for cell, p in cells]
+    _review_form(store, image, items, task, user, locked, {c.id: c.index for c in image.cells})
+
+
+def _review_form(store: CaseStore, image: ImageRecord, items: list[tuple[int | None, str, str | None]], task,
+                 user: dict, locked: bool, numbers: dict[int, int] | None = None) -> None:
+    """Final label per item (preset to the existing review, else the prediction) and a comment."""
+    if locked:
+        return
+    with st.form(f"review_{image.id}"):
+        columns = st.columns(min(4, len(items)))
+        chosen = {}
+        for position, (cell_id, predicted, final) in enumerate(items):
+            label = "Final label" if cell_id is None else f"Cell #{numbers[cell_id]}"
+            default = task.class_ids.index(final if final in task.class_ids else predicted)
+            chosen[cell_id] = columns[position % len(columns)].selectbox(
+                label, task.class_ids, index=default, format_func=lambda c: task.info(c).display,
+                key=f"final_{image.id}_{cell_id}")
+        comment = st.text_input("Comment", key=f"comment_{image.id}")
+        if st.form_submit_button("Confirm or reclassify"):
+            try:
+                for cell_id, label in chosen.items():
+                    store.review(image.id, user["name"], label, comment, cell_id=cell_id)
+            except (StoreError, StoreUnavailableError) as exc:
+                st.error(f"Review not saved: {exc}")
+            else:
+                st.rerun()
+
+
+def case_detail(store: CaseStore, case_id: int, user: dict) -> None:
+    """Everything about one case: header, clinical values, images with review, sign-off,
+    PDF export and the audit trail."""
+    case = store.case(case_id)
+    signed = case.sign_off is not None
+    st.subheader(f"Case {case.reference}: {case.status}")
+    st.caption(f"Created by {case.created_by} at {case.created_at:%Y-%m-%d %H:%M} UTC"
+               + (f"; signed by {case.sign_off.signed_by} at {case.sign_off.signed_at:%Y-%m-%d %H:%M} UTC"
+                  if signed else ""))
+    if case.notes:
+        st.markdown(f"Notes: {case.notes}")
+    if case.clinical:
+        st.dataframe(pd.DataFrame([case.clinical]), hide_index=True)
+    for image in case.images:
+        review_image(store, image, user, signed)
+    left, right = st.columns(2)
+    if not signed and left.button("Sign off this case", type="primary"):
+        try:
+            store.sign_off(case.id, user["name"])
+        except (PermissionDenied, StoreError, StoreUnavailableError) as exc:
+            st.error(str(exc))
+        else:
+            st.rerun()
+    with tempfile.TemporaryDirectory() as folder:
+        pdf = case_pdf(store, case.id, Path(folder) / "case.pdf").read_bytes()
+    right.download_button("Download PDF report", pdf, f"{case.reference}.pdf", "application/pdf")
+    with st.expander("Audit trail"):
+        events = store.audit_trail(case.id)
+        st.dataframe(pd.DataFrame([{"at": e.at, "who": e.actor, "action": e.action, "entity": e.entity,
+                                    "id": e.entity_id, "old": e.old, "new": e.new} for e in events]),
+                     hide_index=True)
+
+
+def agreement_panel(store: CaseStore) -> None:
+    """Agreement between each model's predictions and reviewers' final labels."""
+    stats = store.agreement()
+    if not stats:
+        st.caption("No reviewed predictions yet.")
+        return
+    st.dataframe(pd.DataFrame([{"model": m, "reviewed": s["n"], "agreement": s["accuracy"], "Cohen's kappa": s["kappa"]}
+                               for m, s in stats.items()]), hide_index=True)
+    for model, values in stats.items():
+        labels = list(values["confusion"])
+        matrix = [[values["confusion"][p][f] for f in labels] for p in labels]
+        st.plotly_chart(confusion_heatmap(matrix, labels, model, rows="model's label", columns="reviewer's final label"),
+                        key=f"agreement_{model}")

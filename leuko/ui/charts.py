@@ -1,0 +1,49 @@
+"""Plotly figures shared by the pages: probabilities, confusion matrices, training curves."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from leuko.tasks import Task
+
+LAYOUT = dict(margin=dict(l=10, r=10, t=30, b=10), height=260)
+
+
+def probability_bars(task: Task, probabilities: dict[str, float], review_threshold: float | None = None) -> go.Figure:
+    """Horizontal bars of calibrated class probabilities (0-1); the top class is dark, and the
+    review threshold, when known, is a dashed line."""
+    names = [task.info(c).display for c in probabilities]
+    values = list(probabilities.values())
+    top = max(range(len(values)), key=values.__getitem__)
+    colours = ["#5b2a86" if i == top else "#b9a7cf" for i in range(len(values))]
+    figure = go.Figure(go.Bar(x=values, y=names, orientation="h", marker_color=colours,
+                              text=[f"{v:.1%}" for v in values], textposition="auto"))
+    if review_threshold:
+        figure.add_vline(x=review_threshold, line_dash="dash", line_color="#c0392b",
+                         annotation_text="review below", annotation_position="top")
+    figure.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), **LAYOUT)
+    figure.update_yaxes(autorange="reversed")
+    return figure
+
+
+def confusion_heatmap(matrix: list[list[int]], classes: list[str], title: str = "", rows: str = "true",
+                      columns: str = "predicted") -> go.Figure:
+    """A count table as a heat map; ``rows`` and ``columns`` name what the axes hold."""
+    figure = go.Figure(go.Heatmap(z=matrix, x=classes, y=classes, colorscale="Purples", showscale=False,
+                                  text=matrix, texttemplate="%{text}"))
+    figure.update_layout(title=title, xaxis_title=columns, yaxis_title=rows, **{**LAYOUT, "height": 320})
+    figure.update_yaxes(autorange="reversed")
+    return figure
+
+
+def training_curves(history: list[dict]) -> go.Figure:
+    """Train and validation loss (left axis) and validation accuracy (right axis) by epoch."""
+    epochs = [h["epoch"] for h in history]
+    figure = go.Figure()
+    figure.add_scatter(x=epochs, y=[h.get("train_loss") for h in history], name="train loss")
+    figure.add_scatter(x=epochs, y=[h.get("val_loss") for h in history], name="val loss")
+    figure.add_scatter(x=epochs, y=[h.get("val_accuracy") for h in history], name="val accuracy", yaxis="y2")
+    figure.update_layout(xaxis_title="epoch", yaxis=dict(title="loss"),
+                         yaxis2=dict(title="accuracy", overlaying="y", side="right", range=[0, 1]),
+                         **{**LAYOUT, "height": 320})
+    return figure
