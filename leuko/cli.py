@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     from leuko.evaluate import format_metrics
     from leuko.paths import SHIPPED_MODELS
     from leuko.pipeline import train_and_register
-    from leuko.progress import TerminalProgress
+    from leuko.progress import JsonlProgress, TerminalProgress
 
     base = TrainConfig.from_yaml(args.config) if args.config else TrainConfig(task=args.task or "")
     config = base.with_overrides(
@@ -31,8 +31,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: give --task ({', '.join(TASKS)}) or a config file with a task", file=sys.stderr)
         return 2
     folder = SHIPPED_MODELS if args.ship else None
-    progress = TerminalProgress()
-    card = train_and_register(config, callbacks=[progress], folder=folder, make_default=args.default)
+    callbacks = [TerminalProgress()] + ([JsonlProgress(args.events)] if args.events else [])
+    card = train_and_register(config, callbacks=callbacks, folder=folder, make_default=args.default,
+                              report_dir=args.report,
+                              should_stop=(lambda: args.stop_file.exists()) if args.stop_file else None)
     if card is None:
         return 0
     print(f"\nregistered model {card.id} ({card.training_time_s / 60:.1f} min training, "
@@ -322,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run's last checkpoint")
     train.add_argument("--ship", action="store_true", help="register into the repository's models/")
     train.add_argument("--default", action="store_true", help="mark as the task's default model")
+    train.add_argument("--events", type=Path, help="also append progress events to this JSON-lines file")
+    train.add_argument("--report", type=Path, help="write the test evaluation's metrics and plots here")
+    train.add_argument("--stop-file", type=Path, help="stop early (keeping the best weights) once this file exists")
     train.set_defaults(handler=_train)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a model on a manifest split or a folder")

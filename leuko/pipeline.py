@@ -8,8 +8,9 @@ from typing import Callable, Iterable
 from leuko.calibration import calibrated_probabilities, fit_temperature, negative_log_likelihood
 from leuko.config import TrainConfig
 from leuko.data import class_counts, file_sha256
-from leuko.evaluate import metrics_from_logits, model_logits
-from leuko.metrics import expected_calibration_error, review_share, review_threshold
+from leuko.evaluate import metrics_from_logits, model_logits, write_report
+from leuko.metrics import (expected_calibration_error, reliability_curve, review_share, review_threshold,
+                           roc_pr_curves)
 from leuko.modelstore import LoadedModel, ModelCard, ModelStore, hardware_description
 from leuko.progress import Callback, ProgressEvent
 from leuko.tasks import get_task
@@ -19,8 +20,10 @@ from leuko.train import load_split, load_training_samples, train_model
 def train_and_register(config: TrainConfig, store: ModelStore | None = None,
                        callbacks: Iterable[Callback] = (), folder: Path | None = None,
                        make_default: bool = False,
-                       should_stop: Callable[[], bool] | None = None) -> ModelCard | None:
-    """Train, fit the temperature on ``val``, evaluate once on ``test`` and save the model.
+                       should_stop: Callable[[], bool] | None = None,
+                       report_dir: Path | None = None) -> ModelCard | None:
+    """Train, fit the temperature on ``val``, evaluate once on ``test`` and save the model;
+    with ``report_dir`` the test evaluation's figures and plots are written there too.
 
     Returns the saved card, whose ``metrics`` hold the validation and test figures; under
     ``torchrun`` only rank 0 registers the model and the other ranks return ``None``.
@@ -73,4 +76,8 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
                                                                       card.temperature)
         card.limitations = f"{SIMULATED_NOTICE} {card.limitations}"
     store.save(result.network, card, half=config.half_weights, folder=folder)
+    if report_dir is not None:
+        write_report({"model": card.id, "task": task.id, "metrics": card.metrics["test"],
+                      "curves": roc_pr_curves(test_labels, test_probs, task.class_ids),
+                      "reliability": reliability_curve(test_labels, test_probs)}, report_dir)
     return card

@@ -6,7 +6,10 @@ The training loop only emits :class:`ProgressEvent`; the CLI shows them with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Literal
 
 from tqdm import tqdm
@@ -62,3 +65,24 @@ class TerminalProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class JsonlProgress:
+    """Appends events to a JSON-lines file that another process (the Train page) follows.
+    Step events are written at most every ``step_interval_s`` seconds, and on an epoch's
+    last step, to keep the file small."""
+
+    def __init__(self, path: Path, step_interval_s: float = 1.0) -> None:
+        self.path = path
+        self.step_interval_s = step_interval_s
+        self._last_step = 0.0
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.kind == "step":
+            now = time.monotonic()
+            if now - self._last_step < self.step_interval_s and event.step != event.steps:
+                return
+            self._last_step = now
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(asdict(event), default=str) + "\n")

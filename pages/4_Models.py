@@ -1,8 +1,19 @@
-"""Models page: every installed model with its test figures and integrity check."""
+"""Models: every installed model's card and figures, integrity, and the default per task."""
 
 import streamlit as st
 
+from leuko.modelstore import ModelStore
+from leuko.ui.auth import login_section
+from leuko.ui.models import card_section, default_chooser
 from leuko.ui.status import model_status_section
 
+st.set_page_config(page_title="Leuko: Models", page_icon="assets/leuko.svg", layout="wide")
+login_section()
 st.title("Models")
 model_status_section()
+store = ModelStore()
+st.subheader("Default model per task")
+default_chooser(store)
+st.subheader("Model cards")
+for card in store.cards():
+    card_section(card, store)

@@ -119,12 +119,18 @@ def case_pdf(store: CaseStore, case_id: int, path: Path, model_summaries: dict[s
     return path
 
 
+def _split_of(sha256: str) -> str:
+    bucket = int(sha256[:8], 16) % 10
+    return "test" if bucket == 0 else "val" if bucket == 1 else "train"
+
+
 def export_dataset(store: CaseStore, folder: Path, task: str) -> Path:
     """Reviewed crop images of ``task`` with their final labels, as ``images/`` plus a
     ``manifest.csv`` (path, mask, dataset, task, label, split) that training reads directly.
 
     File names are the images' sha256, so nothing from the original names (which may carry
-    identifiers) leaves the store; every row goes to the ``train`` split.
+    identifiers) leaves the store. The split is fixed by the digest (about 80% train, 10%
+    val, 10% test), so an image keeps its split across exports.
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -138,7 +144,8 @@ def export_dataset(store: CaseStore, folder: Path, task: str) -> Path:
                     continue
                 name = f"{image.sha256}{Path(image.stored_path).suffix}"
                 shutil.copyfile(store.files.path(image.stored_path), folder / "images" / name)
-                rows.append((f"images/{name}", "", "leuko_cases", task, finals[-1].final_label, "train"))
+                rows.append((f"images/{name}", "", "leuko_cases", task, finals[-1].final_label,
+                             _split_of(image.sha256)))
         if page * 200 >= total:
             break
         page += 1

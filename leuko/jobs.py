@@ -1,0 +1,166 @@
+"""Training jobs that run in their own process and outlive the page that started them.
+
+Each job is a folder under ``$LEUKO_HOME/jobs/``: the configuration (``config.yaml``), the
+progress events the training appends (``events.jsonl``), its console output (``log.txt``),
+the process id, the exit code once it ends, and the test evaluation report. Any process can
+follow a job from its folder alone, so reloading the Train page, or restarting the app,
+loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from leuko.config import TrainConfig
+from leuko.paths import REPO_ROOT, leuko_home
+
+
+def jobs_dir() -> Path:
+    return leuko_home() / "jobs"
+
+
+@dataclass
+class Job:
+    """One training job, read from its folder."""
+
+    folder: Path
+
+    @property
+    def id(self) -> str:
+        return self.folder.name
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_yaml(self.folder / "config.yaml")
+
+    @property
+    def report_dir(self) -> Path:
+        return self.folder / "report"
+
+    def events(self) -> list[dict]:
+        """Every progress event so far (a line being written is skipped)."""
+        path = self.folder / "events.jsonl"
+        if not path.is_file():
+            return []
+        events = []
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events
+
+    def history(self) -> list[dict]:
+        """Per finished epoch: epoch number and its train/validation figures."""
+        return [{"epoch": e["epoch"], **e["metrics"]} for e in self.events() if e["kind"] == "epoch"]
+
+    def fraction_done(self) -> float:
+        """Share of the planned training steps done, 0-1 (1 once the job has ended)."""
+        if self.state() != "running":
+            return 1.0
+        steps = [e for e in self.events() if e["kind"] in ("step", "epoch") and e.get("epochs")]
+        if not steps:
+            return 0.0
+        last = steps[-1]
+        within = last["step"] / last["steps"] if last["kind"] == "step" and last.get("steps") else 1.0
+        return min(1.0, (last["epoch"] - 1 + within) / last["epochs"])
+
+    def exit_code(self) -> int | None:
+        path = self.folder / "exit_code"
+        try:
+            return int(path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _alive(self) -> bool:
+        try:
+            pid = int((self.folder / "pid").read_text())
+            os.kill(pid, 0)
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def state(self) -> str:
+        """``running``, ``finished``, ``stopped`` (asked to stop; best weights registered),
+        ``failed`` (see the log) or ``interrupted`` (the process vanished, e.g. a reboot)."""
+        code = self.exit_code()
+        if code is None:
+            return "running" if self._alive() else "interrupted"
+        if code != 0:
+            return "failed"
+        return "stopped" if (self.folder / "stop").exists() else "finished"
+
+    def stop(self) -> None:
+        """Ask the training to stop after its current step; the best weights so far are then
+        calibrated, evaluated and registered as usual."""
+        (self.folder / "stop").touch()
+
+    def kill(self) -> None:
+        """End the process at once; nothing is registered."""
+        try:
+            os.killpg(int((self.folder / "pid").read_text()), signal.SIGTERM)
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            pass
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.folder / "log.txt"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+    def model_id(self) -> str | None:
+        """The registered model's id, once the job has finished or stopped."""
+        report = self.report_dir / "metrics.json"
+        if self.state() in ("finished", "stopped") and report.is_file():
+            return json.loads(report.read_text())["model"]
+        return None
+
+
+def start_training(config: TrainConfig) -> Job:
+    """Start ``python -m leuko train`` on ``config`` in a new process group and return its job.
+
+    The model is registered into the user's models folder (``$LEUKO_HOME/models``).
+    """
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    folder = jobs_dir() / f"{config.task}-{stamp}"
+    folder.mkdir(parents=True)
+    config = config.with_overrides(model_id=config.model_id or f"{config.task}-{config.arch}-{stamp[:15]}",
+                                   out_dir=str(folder / "runs"))
+    (folder / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    command = [sys.executable, "-m", "leuko", "train", "--config", str(folder / "config.yaml"),
+               "--events", str(folder / "events.jsonl"), "--report", str(folder / "report"),
+               "--stop-file", str(folder / "stop")]
+    with (folder / "log.txt").open("w") as log:
+        process = subprocess.Popen(["sh", "-c", '"$@"; echo $? > "$0"', str(folder / "exit_code"), *command],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    (folder / "pid").write_text(str(process.pid))
+    return Job(folder)
+
+
+def list_jobs() -> list[Job]:
+    """All jobs, newest first."""
+    folder = jobs_dir()
+    if not folder.is_dir():
+        return []
+    return [Job(p) for p in sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True) if p.is_dir()]
+
+
+def find_report(model_id: str) -> Path | None:
+    """The folder of a model's test evaluation plots: the repository's ``reports/<id>`` for
+    shipped models, else the training job's report."""
+    shipped = REPO_ROOT / "reports" / model_id
+    if (shipped / "metrics.json").is_file():
+        return shipped
+    for job in list_jobs():
+        report = job.report_dir / "metrics.json"
+        if report.is_file() and json.loads(report.read_text()).get("model") == model_id:
+            return job.report_dir
+    return None

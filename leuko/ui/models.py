@@ -1,0 +1,60 @@
+"""Widgets of the Models page: each model's card, its figures and plots, default choice."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from leuko.jobs import find_report
+from leuko.modelstore import ModelCard, ModelStore
+from leuko.tasks import TASKS
+from leuko.ui.charts import confusion_heatmap
+
+HEADLINE = ("n", "accuracy", "balanced_accuracy", "f1_macro", "mcc", "roc_auc", "ece", "log_loss")
+
+
+def card_section(card: ModelCard, store: ModelStore) -> None:
+    """A model's card: data, figures, confusion matrix, ROC/PR/reliability, use and limits."""
+    default = store.default_id(card.task) == card.id
+    with st.expander(f"{card.id}{' (default)' if default else ''}", expanded=default):
+        st.markdown(f"**Architecture** {card.arch}, input {card.input.get('input_size')} px, "
+                    f"weights {card.weights_dtype}, pretrained from {card.pretrained_source or 'nothing'}; "
+                    f"trained in {(card.training_time_s or 0) / 60:.1f} min on {card.hardware or 'unknown hardware'}.")
+        if card.task in TASKS:
+            splits = {s: card.metrics[s] for s in ("val", "test") if isinstance(card.metrics.get(s), dict)}
+            if splits:
+                st.dataframe(pd.DataFrame({s: {k: m.get(k) for k in HEADLINE} for s, m in splits.items()}).T)
+            threshold = f"{card.review_threshold:.3f}" if card.review_threshold else "none"
+            st.markdown(f"**Calibration** temperature {card.temperature:.3f}; results below a confidence of "
+                        f"{threshold} are marked needs-review "
+                        f"({card.metrics.get('test_review_share', 0):.0%} of the test split).")
+            test = splits.get("test")
+            if test:
+                left, right = st.columns([2, 3])
+                left.plotly_chart(confusion_heatmap(test["confusion_matrix"], test["classes"], "test split"),
+                                  key=f"cm_{card.id}")
+                report = find_report(card.id)
+                if report:
+                    right.image([str(report / f"{n}.png") for n in ("roc", "pr", "reliability")
+                                 if (report / f"{n}.png").is_file()], width=250)
+        elif card.metrics:
+            st.dataframe(pd.DataFrame(card.metrics.get("test", [])), hide_index=True)
+        split_sizes = card.data.get("split_sizes")
+        if split_sizes:
+            st.markdown("**Data** " + str(card.data.get("source", "")))
+            st.dataframe(pd.DataFrame(split_sizes).T)
+        st.markdown(f"**Intended use** {card.intended_use}")
+        st.markdown(f"**Limitations** {card.limitations}")
+
+
+def default_chooser(store: ModelStore) -> None:
+    """Per task, choose the model the Analyze page and the CLI use by default."""
+    for task in [*TASKS, "segmentation"]:
+        ids = [c.id for c in store.cards(task)]
+        if len(ids) < 2:
+            continue
+        current = store.default_id(task)
+        chosen = st.selectbox(f"Default for {task}", ids, index=ids.index(current), key=f"default_{task}")
+        if chosen != current:
+            store.set_default(task, chosen)
+            st.success(f"{chosen} is now the default for {task}.")
