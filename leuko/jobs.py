@@ -84,17 +84,28 @@ class Job:
     def _alive(self) -> bool:
         try:
             pid = int((self.folder / "pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return False
+        except ChildProcessError:
+            pass
+        try:
             os.kill(pid, 0)
-        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        except (ProcessLookupError, PermissionError):
             return False
         return True
 
     def state(self) -> str:
         """``running``, ``finished``, ``stopped`` (asked to stop; best weights registered),
-        ``failed`` (see the log) or ``interrupted`` (the process vanished, e.g. a reboot)."""
+        ``cancelled`` (ended at once, nothing registered), ``failed`` (see the log) or
+        ``interrupted`` (the process vanished, e.g. a reboot)."""
         code = self.exit_code()
         if code is None:
-            return "running" if self._alive() else "interrupted"
+            if self._alive():
+                return "running"
+            return "cancelled" if (self.folder / "cancelled").exists() else "interrupted"
         if code != 0:
             return "failed"
         return "stopped" if (self.folder / "stop").exists() else "finished"
@@ -106,6 +117,7 @@ class Job:
 
     def kill(self) -> None:
         """End the process at once; nothing is registered."""
+        (self.folder / "cancelled").touch()
         try:
             os.killpg(int((self.folder / "pid").read_text()), signal.SIGTERM)
         except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):

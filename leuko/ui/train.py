@@ -126,7 +126,7 @@ def job_view() -> None:
         st.code(job.log_tail() or "(empty)")
     if state in ("finished", "stopped"):
         job_evaluation(job)
-    elif state in ("failed", "interrupted"):
+    elif state in ("failed", "interrupted", "cancelled"):
         st.error(f"The job {state}. The end of its log says why.")
 
 

@@ -1,0 +1,82 @@
+"""The analysis core behind the Analyze page, on synthetic crops and fields with the shipped models."""
+
+import numpy as np
+import pytest
+
+from leuko.analysis import AnalysisSettings, Analyzer, boxes_overlay, mask_overlay
+from leuko.bench import sample_field
+from leuko.clinical import ClinicalValueError, ClinicalValues
+from leuko.images import ImageError
+from leuko.store import CaseStore
+from tests.test_segment import stained_cell
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    with Analyzer(AnalysisSettings("all_binary", segmenter="classical")) as shared:
+        yield shared
+
+
+def test_crop_gives_one_explained_measured_cell(analyzer):
+    result = analyzer.analyze(stained_cell(), "cell.png")
+    assert result.kind == "crop" and len(result.cells) == 1
+    cell = result.cells[0]
+    assert cell.prediction.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+    assert cell.cam.shape == (160, 160) and 0.0 <= cell.cam.min() and cell.cam.max() <= 1.0
+    assert 0.0 <= cell.cam_inside_cell <= 1.0
+    assert cell.morphometrics["nucleus_area_px"] == pytest.approx(np.pi * 32 ** 2, rel=0.15)
+    summary = result.summary()
+    assert result.task.info(cell.prediction.label).display in summary and "not a diagnosis" in summary
+    assert ("unsure" in summary) == cell.prediction.needs_review
+    assert mask_overlay(cell.crop, cell.mask).shape == (160, 160, 3)
+
+
+def test_field_gives_a_cell_table_and_differential(analyzer):
+    result = analyzer.analyze(sample_field(cells=4), "field.png", kind="auto")
+    assert result.kind == "field" and len(result.cells) == 4
+    differential = result.differential()
+    assert sum(r["cells"] for r in differential) == 4
+    assert sum(r["percent"] for r in differential) == pytest.approx(100.0)
+    blasts = sum(c.prediction.label == "ALL" for c in result.cells)
+    assert result.blast_percent() == pytest.approx(25.0 * blasts)
+    assert "4 white cell(s) found" in result.summary()
+    assert boxes_overlay(result).shape == result.rgb.shape
+
+
+def test_an_analysis_saves_as_a_case_with_every_cell(analyzer, leuko_home):
+    field = analyzer.analyze(sample_field(cells=3), "field.png")
+    crop = analyzer.analyze(stained_cell(), "crop.png")
+    store = CaseStore(home=leuko_home)
+    case_id = store.save_case("CASE-1", "ana", [field.to_entry(b"field-bytes"), crop.to_entry(b"crop-bytes")])
+    saved = store.case(case_id)
+    field_record, crop_record = saved.images
+    assert field_record.kind == "field" and len(field_record.cells) == 3
+    assert len(field_record.predictions) == 3 and all(p.cell_id for p in field_record.predictions)
+    assert crop_record.predictions[0].label == crop.cells[0].prediction.label
+    assert store.check().ok
+    store.close()
+
+
+def test_blank_crop_is_still_classified_but_not_measured(analyzer):
+    result = analyzer.analyze(np.full((120, 120, 3), 230, np.uint8), "blank.png")
+    assert len(result.cells) == 1 and result.cells[0].morphometrics is None
+    assert "no cell outline" in result.summary()
+
+
+def test_field_without_leukocytes_says_so(analyzer):
+    result = analyzer.analyze(np.full((700, 900, 3), (236, 214, 220), np.uint8), "empty.png")
+    assert result.kind == "field" and result.cells == [] and result.needs_review
+    assert "No white blood cell was found" in result.summary()
+
+
+def test_clinical_values_add_flags_and_impossible_ones_are_refused(analyzer):
+    result = analyzer.analyze(stained_cell(), "c.png", ClinicalValues(wbc=45.0, platelets=30.0, hemoglobin=7.5))
+    assert {f.name for f in result.flags} >= {"leukocytosis", "thrombocytopenia", "anemia", "bicytopenia"}
+    assert "CBC: leukocytosis" in result.summary()
+    with pytest.raises(ClinicalValueError, match="hemoglobin"):
+        analyzer.analyze(stained_cell(), "c.png", ClinicalValues(hemoglobin=80.0))
+
+
+def test_unreadable_image_is_refused_with_a_message(analyzer):
+    with pytest.raises(ImageError):
+        analyzer.analyze(b"this is not an image", "bad.png")
