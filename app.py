@@ -1,22 +1,13 @@
-"""Leuko home page: what the tool is, the state of its models and the device it runs on."""
+"""Leuko's Streamlit entry point: the pages and their navigation (`streamlit run app.py`)."""
 
 import streamlit as st
 
-from leuko.ui.auth import login_section
-from leuko.ui.status import database_summary, model_status_section, runtime_summary
-
 st.set_page_config(page_title="Leuko", page_icon="assets/leuko.svg", layout="wide")
-st.title("Leuko: acute leukemia screening support")
-st.markdown(
-    "Leuko gives a **second opinion** on peripheral blood smear images: ALL vs normal "
-    "lymphocytes, B-ALL maturation subtype, and five-class white cell typing, with calibrated "
-    "probabilities.\n\n"
-    "It is **decision support, not a diagnosis**. Every result must be reviewed by a qualified "
-    "person; a low-confidence result is flagged for review."
-)
-login_section()
-st.subheader("Runtime")
-st.markdown(runtime_summary())
-st.markdown(database_summary())
-st.subheader("Installed models")
-model_status_section()
+navigation = st.navigation([
+    st.Page("pages/0_Home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/1_Analyze.py", title="Analyze", icon=":material/biotech:"),
+    st.Page("pages/2_Cases.py", title="Cases", icon=":material/folder_open:"),
+    st.Page("pages/3_Train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/4_Models.py", title="Models", icon=":material/deployed_code:"),
+])
+navigation.run()

@@ -4,18 +4,19 @@ explanations, segmentation and morphometrics, and save them as a case."""
 import streamlit as st
 
 from leuko.tasks import get_task
-from leuko.ui.analyze import cbc_form, image_inputs, run_analyses, save_section, settings_sidebar, show_analysis
+from leuko.ui.analyze import (cbc_form, image_inputs, load_analyzer, run_analyses, save_section, settings_sidebar,
+                              show_analysis)
 from leuko.ui.auth import login_section
 
-st.set_page_config(page_title="Leuko: Analyze", page_icon="assets/leuko.svg", layout="wide")
 login_section()
 st.title("Analyze")
 settings, options = settings_sidebar()
+analyzer = load_analyzer(settings)
 st.caption(get_task(settings.task).description + " Decision support, not a diagnosis.")
 clinical, clinical_error = cbc_form()
 items = image_inputs(settings.task)
-if st.button("Analyze", type="primary", disabled=not items or clinical_error is not None):
-    run_analyses(settings, options, items, clinical)
+if st.button("Analyze", type="primary", disabled=not items or clinical_error is not None or analyzer is None):
+    run_analyses(analyzer, options, items, clinical)
 for message in st.session_state.get("analysis_errors", []):
     st.error(f"Not analysed: {message}")
 analyses = st.session_state.get("analyses", [])

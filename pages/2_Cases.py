@@ -6,7 +6,6 @@ from leuko.store import StoreUnavailableError
 from leuko.ui.auth import case_store, current_user, login_section
 from leuko.ui.cases import agreement_panel, case_detail, filters_form, history_table
 
-st.set_page_config(page_title="Leuko: Cases", page_icon="assets/leuko.svg", layout="wide")
 login_section()
 st.title("Cases")
 user = current_user()

@@ -5,7 +5,6 @@ import streamlit as st
 from leuko.ui.auth import current_user, login_section
 from leuko.ui.train import job_view, training_form
 
-st.set_page_config(page_title="Leuko: Train", page_icon="assets/leuko.svg", layout="wide")
 login_section()
 st.title("Train")
 st.caption("Training runs in its own process: leaving or reloading this page does not stop it. "

@@ -7,7 +7,6 @@ from leuko.ui.auth import login_section
 from leuko.ui.models import card_section, default_chooser
 from leuko.ui.status import model_status_section
 
-st.set_page_config(page_title="Leuko: Models", page_icon="assets/leuko.svg", layout="wide")
 login_section()
 st.title("Models")
 model_status_section()

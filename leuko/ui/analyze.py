@@ -117,14 +117,19 @@ def image_inputs(task: str) -> list[tuple[str, bytes]]:
     return items
 
 
-def run_analyses(settings: AnalysisSettings, options: RunOptions, items: list[tuple[str, bytes]],
-                 clinical: ClinicalValues | None) -> None:
-    """Analyse every image with a progress bar; results and per-file errors go to the session."""
+def load_analyzer(settings: AnalysisSettings) -> Analyzer | None:
+    """The chosen model, loaded as soon as it is chosen (before any upload), or ``None``
+    with the reason shown when it cannot be loaded."""
     try:
-        analyzer = analyzer_for(settings.task, settings.model_id, settings.device or "auto", settings.segmenter)
+        return analyzer_for(settings.task, settings.model_id, settings.device or "auto", settings.segmenter)
     except (ModelNotFoundError, ModelIntegrityError, DeviceError) as exc:
         st.error(f"The model could not be loaded: {exc}")
-        return
+        return None
+
+
+def run_analyses(analyzer: Analyzer, options: RunOptions, items: list[tuple[str, bytes]],
+                 clinical: ClinicalValues | None) -> None:
+    """Analyse every image with a progress bar; results and per-file errors go to the session."""
     results, errors = [], []
     bar = st.progress(0.0, text="Analysing...")
     for done, (name, data) in enumerate(items, start=1):
@@ -206,6 +211,7 @@ def save_case(reference: str, notes: str) -> None:
         st.error(f"The case was not saved: {exc}. Your results are kept; try again.")
         return
     st.session_state["saved_case"] = (case_id, reference)
+    st.session_state.pop("suggested_reference", None)
 
 
 def save_section() -> None:
@@ -215,8 +221,8 @@ def save_section() -> None:
         st.success(f"Saved as case {saved[1]} (id {saved[0]}). Review it on the Cases page.")
         return
     with st.form("save_case"):
-        reference = st.text_input("Case reference (pseudonymous; never a patient name)",
-                                  value=f"CASE-{datetime.now():%Y%m%d-%H%M%S}")
+        suggested = st.session_state.setdefault("suggested_reference", f"CASE-{datetime.now():%Y%m%d-%H%M%S}")
+        reference = st.text_input("Case reference (pseudonymous; never a patient name)", value=suggested)
         notes = st.text_area("Notes")
         if st.form_submit_button("Save as case"):
             save_case(reference, notes)

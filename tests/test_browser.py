@@ -1,0 +1,118 @@
+"""End to end in a real headless Chromium (Debian's, driven by Playwright) against
+``streamlit run app.py``: sign in, upload a crop, see the prediction and the Grad-CAM, save
+the case and find it on the Cases page. Screenshots go to the test's temporary folder, and
+also to ``$LEUKO_SCREENSHOTS`` when set (the README's screenshots come from there)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from leuko.paths import REPO_ROOT
+from leuko.store import CaseStore
+from tests.test_segment import stained_cell
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """The app on a free local port with its own LEUKO_HOME and a reviewer account."""
+    home = tmp_path / "home"
+    store = CaseStore(home=home)
+    store.create_user("rita", "reviewer-pass", "reviewer")
+    store.close()
+    port = _free_port()
+    env = {**os.environ, "LEUKO_HOME": str(home), "LEUKO_EXAMPLES": str(tmp_path / "no-examples")}
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                                "--server.headless", "true", "--server.address", "127.0.0.1"],
+                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("streamlit did not start")
+        yield url, started
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _shot(page, folder: Path, name: str) -> None:
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    target = os.environ.get("LEUKO_SCREENSHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(target) / path.name)
+
+
+def test_sign_in_analyse_save_and_find_the_case(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, started = server
+    crop = tmp_path / "cell.png"
+    Image.fromarray(stained_cell(200, 70, 40)).save(crop)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        expect(page.get_by_text("decision support, not a diagnosis")).to_be_visible()
+        print(f"\nstreamlit run to a usable home page: {time.monotonic() - started:.1f} s")
+        page.get_by_label("User name").fill("rita")
+        page.locator("input[type=password]").fill("reviewer-pass")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_text("Signed in as")).to_be_visible()
+        _shot(page, tmp_path, "home")
+
+        page.get_by_role("link", name="Analyze").click()
+        expect(page.get_by_role("heading", name="Analyze")).to_be_visible()
+        page.locator("input[type=file]").set_input_files(str(crop))
+        expect(page.get_by_text("cell.png")).to_be_visible()
+        clicked = time.monotonic()
+        page.get_by_role("button", name="Analyze", exact=True).click()
+        expect(page.get_by_text("gradcam for")).to_be_visible()
+        print(f"upload to result for one crop: {time.monotonic() - clicked:.2f} s")
+        expect(page.get_by_text("decision support, not a diagnosis").last).to_be_visible()
+        _shot(page, tmp_path, "analyze")
+        page.get_by_label("Case reference (pseudonymous; never a patient name)").fill("CASE-E2E")
+        page.get_by_role("button", name="Save as case").click()
+        expect(page.get_by_text("Saved as case CASE-E2E")).to_be_visible()
+
+        page.get_by_role("link", name="Cases").click()
+        expect(page.get_by_text("Case CASE-E2E: new")).to_be_visible()
+        _shot(page, tmp_path, "cases")
+        page.get_by_role("button", name="Confirm or reclassify").click()
+        expect(page.get_by_text("Case CASE-E2E: reviewed")).to_be_visible()
+        page.get_by_role("button", name="Sign off this case").click()
+        expect(page.get_by_text("Case CASE-E2E: signed")).to_be_visible()
+
+        page.get_by_role("link", name="Train").click()
+        expect(page.get_by_role("heading", name="Train")).to_be_visible()
+        _shot(page, tmp_path, "train")
+        page.get_by_role("link", name="Models").click()
+        expect(page.get_by_text("Model cards")).to_be_visible()
+        _shot(page, tmp_path, "models")
+        browser.close()
+    assert all((tmp_path / f"{n}.png").stat().st_size > 10_000 for n in ("home", "analyze", "cases", "train", "models"))

@@ -1,0 +1,141 @@
+"""Every page through Streamlit's AppTest, against the real core, models and a real SQLite case log."""
+
+import time
+
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from leuko.modelstore import ModelStore
+from leuko.paths import REPO_ROOT
+from leuko.store import CaseStore
+from tests.conftest import write_class_folder
+
+PAGES = REPO_ROOT / "pages"
+
+
+def page(name: str, user: dict | None = None) -> AppTest:
+    app = AppTest.from_file(str(PAGES / name), default_timeout=120)
+    if user:
+        app.session_state["user"] = {**user, "since": time.time()}
+    return app.run()
+
+
+@pytest.fixture
+def examples(tmp_path, monkeypatch):
+    root = write_class_folder(tmp_path / "examples", ["ALL", "normal"], 2, size=160)
+    (root / "ALL" / "broken.png").write_bytes(b"not an image at all")
+    monkeypatch.setenv("LEUKO_EXAMPLES", str(root))
+    return root
+
+
+@pytest.fixture
+def accounts(leuko_home):
+    store = CaseStore(home=leuko_home)
+    store.create_user("rita", "reviewer-pass", "reviewer")
+    store.create_user("ann", "analyst-pass", "analyst")
+    store.close()
+    return {"rita": {"name": "rita", "role": "reviewer"}, "ann": {"name": "ann", "role": "analyst"}}
+
+
+def analyse_examples(app: AppTest, titles: list[str]) -> AppTest:
+    app.multiselect[0].set_value(titles).run()
+    app.button[0].click().run()
+    return app
+
+
+def test_every_page_renders_without_signing_in(leuko_home, examples):
+    for name in ("1_Analyze.py", "2_Cases.py", "3_Train.py", "4_Models.py"):
+        app = page(name)
+        assert not app.exception, name
+    assert "Sign in" in page("2_Cases.py").info[0].value
+
+
+def test_analyze_gives_a_prediction_and_saves_a_case(leuko_home, examples, accounts):
+    app = page("1_Analyze.py", accounts["ann"])
+    options = app.multiselect[0].options
+    assert "examples: 000.png (ALL)" in options and "examples: 000.png (normal)" in options
+    analyse_examples(app, ["examples: 000.png (ALL)", "examples: broken.png (ALL)", "examples: 000.png (normal)"])
+    assert not app.exception
+    headings = [m.value for m in app.markdown if m.value.startswith("### ")]
+    assert len(headings) == 2 and all("%" in h and "badge" in h for h in headings)
+    assert any("broken.png" in e.value and "Not analysed" in e.value for e in app.error)
+    assert "not a diagnosis" in app.info[0].value
+    app.text_input[-1].set_value("CASE-T1")
+    next(b for b in app.button if b.label == "Save as case").click().run()
+    assert "Saved as case CASE-T1" in app.success[0].value
+    store = CaseStore(home=leuko_home)
+    rows, total = store.list_cases()
+    assert total == 1 and rows[0]["reference"] == "CASE-T1" and rows[0]["images"] == 2
+    store.close()
+
+
+def test_impossible_cbc_value_blocks_analysis_with_its_field_named(leuko_home, examples):
+    app = page("1_Analyze.py")
+    next(n for n in app.number_input if n.label == "Hemoglobin").set_value(80.0).run()
+    assert any("Hemoglobin" in e.value and "impossible" in e.value for e in app.error)
+    assert app.button[0].disabled
+
+
+def test_saving_needs_a_signed_in_user(leuko_home, examples):
+    app = analyse_examples(page("1_Analyze.py"), ["examples: 000.png (ALL)"])
+    next(b for b in app.button if b.label == "Save as case").click().run()
+    assert "Sign in" in app.warning[0].value and app.session_state["analyses"]
+
+
+def _saved_case(leuko_home, examples, accounts) -> None:
+    app = page("1_Analyze.py", accounts["ann"])
+    analyse_examples(app, ["examples: 000.png (ALL)", "examples: 001.png (normal)"])
+    next(b for b in app.button if b.label == "Save as case").click().run()
+
+
+def test_a_reviewer_confirms_each_image_and_signs_off(leuko_home, examples, accounts):
+    _saved_case(leuko_home, examples, accounts)
+    analyst = page("2_Cases.py", accounts["ann"])
+    next(b for b in analyst.button if b.label == "Sign off this case").click().run()
+    assert "may not sign off" in analyst.error[0].value
+    app = page("2_Cases.py", accounts["rita"])
+    assert not app.exception and app.dataframe
+    for index in range(2):
+        [b for b in app.button if b.label == "Confirm or reclassify"][index].click().run()
+        assert not app.error
+    next(b for b in app.button if b.label == "Sign off this case").click().run()
+    assert not app.error and "signed" in app.subheader[0].value
+    store = CaseStore(home=leuko_home)
+    actions = [e.action for e in store.audit_trail(1)]
+    assert actions.count("review") == 2 and actions[-1] == "sign_off"
+    store.close()
+
+
+def test_sign_off_is_refused_while_an_image_is_unreviewed(leuko_home, examples, accounts):
+    _saved_case(leuko_home, examples, accounts)
+    app = page("2_Cases.py", accounts["rita"])
+    next(b for b in app.button if b.label == "Sign off this case").click().run()
+    assert "still need review" in app.error[0].value
+
+
+def test_models_page_shows_cards_and_changes_the_default(leuko_home):
+    app = page("4_Models.py")
+    assert not app.exception and len(app.expander) == len(ModelStore().cards())
+    chooser = next((s for s in app.selectbox if s.label == "Default for all_binary"), None)
+    assert chooser is not None
+    other = next(o for o in chooser.options if o != chooser.value)
+    chooser.set_value(other).run()
+    assert ModelStore().default_id("all_binary") == other
+
+
+def test_train_page_starts_a_background_job(leuko_home, accounts, binary_folder):
+    app = page("3_Train.py", accounts["rita"])
+    app.radio[0].set_value("Folder of class sub-folders").run()
+    app.text_input[-2].set_value(str(binary_folder)).run()
+    assert not app.exception
+    number = {n.label: n for n in app.number_input}
+    number["Epochs"].set_value(1)
+    number["Input size (pixels)"].set_value(32)
+    next(b for b in app.button if b.label == "Start training").click().run()
+    assert "Training started" in app.success[0].value
+    from leuko.jobs import list_jobs
+
+    job = list_jobs()[0]
+    assert job.config.folder == str(binary_folder) and job.config.epochs == 1
+    job.kill()
