@@ -20,6 +20,8 @@ if st.button("Analyze", type="primary", disabled=not items or clinical_error is 
 for message in st.session_state.get("analysis_errors", []):
     st.error(f"Not analysed: {message}")
 analyses = st.session_state.get("analyses", [])
+if analyses:
+    st.caption(st.session_state["analysis_run"][1])
 for number, (analysis, _) in enumerate(analyses):
     show_analysis(analysis, str(number))
 if analyses:

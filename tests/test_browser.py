@@ -93,7 +93,15 @@ def test_sign_in_analyse_save_and_find_the_case(server, tmp_path):
         clicked = time.monotonic()
         page.get_by_role("button", name="Analyze", exact=True).click()
         expect(page.get_by_text("gradcam for")).to_be_visible()
-        print(f"upload to result for one crop: {time.monotonic() - clicked:.2f} s")
+        print(f"upload to result for one crop, first of the session: {time.monotonic() - clicked:.2f} s")
+        repeats = []
+        for run in (2, 3, 4):
+            clicked = time.monotonic()
+            page.get_by_role("button", name="Analyze", exact=True).click()
+            expect(page.get_by_text(f"Run {run}: 1 image(s) analysed")).to_be_visible()
+            expect(page.get_by_text("gradcam for")).to_be_visible()
+            repeats.append(time.monotonic() - clicked)
+        print(f"click to result for one crop, runs 2-4: {', '.join(f'{t:.2f}' for t in repeats)} s")
         expect(page.get_by_text("decision support, not a diagnosis").last).to_be_visible()
         _shot(page, tmp_path, "analyze")
         page.get_by_label("Case reference (pseudonymous; never a patient name)").fill("CASE-E2E")

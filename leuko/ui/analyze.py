@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from datetime import datetime
+from time import perf_counter
 
 import pandas as pd
 import streamlit as st
@@ -131,6 +132,7 @@ def run_analyses(analyzer: Analyzer, options: RunOptions, items: list[tuple[str,
                  clinical: ClinicalValues | None) -> None:
     """Analyse every image with a progress bar; results and per-file errors go to the session."""
     results, errors = [], []
+    started = perf_counter()
     bar = st.progress(0.0, text="Analysing...")
     for done, (name, data) in enumerate(items, start=1):
         try:
@@ -143,6 +145,9 @@ def run_analyses(analyzer: Analyzer, options: RunOptions, items: list[tuple[str,
     st.session_state["analyses"] = results
     st.session_state["analysis_errors"] = errors
     st.session_state["analysis_clinical"] = clinical
+    run = st.session_state.get("analysis_run", (0, ""))[0] + 1
+    st.session_state["analysis_run"] = (run, f"Run {run}: {len(results)} image(s) analysed in "
+                                             f"{perf_counter() - started:.2f} s on {analyzer.predictor.device}.")
     st.session_state.pop("saved_case", None)
     if options.auto_save and results:
         save_case(f"CASE-{datetime.now():%Y%m%d-%H%M%S}", "")
