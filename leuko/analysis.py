@@ -21,7 +21,7 @@ from leuko.clinical import ClinicalValues, Flag, flags
 from leuko.explain import Explainer, energy_inside, overlay
 from leuko.images import ImageInput, load_image
 from leuko.morphometrics import measure_cell
-from leuko.predict import Prediction, Predictor
+from leuko.predict import BATCH_SIZE, Prediction, Predictor
 from leuko.segment import Cell, make_segmenter, segment_image
 from leuko.store import CellEntry, ImageEntry, PredictionEntry
 from leuko.tasks import Task
@@ -235,6 +235,25 @@ class Analyzer:
         with self._lock:
             return self._analyze(source, name, clinical, class_id, cam_method, kind, pixel_size_um)
 
+    def _classify_and_explain(self, crops: list[np.ndarray], clinical: ClinicalValues | None, class_id: str | None,
+                              method: str) -> tuple[list[Prediction], list[np.ndarray]]:
+        """Predictions and CAMs of the crops: one pass per batch for an image-only model
+        explaining each predicted class; a fusion model given clinical values, or an
+        explicit class, needs the prediction first."""
+        if not crops:
+            return [], []
+        predictor = self.predictor
+        if class_id is None and not (predictor.fusion and clinical is not None):
+            predictions, cams = [], []
+            for start in range(0, len(crops), BATCH_SIZE):
+                batch_cams, probs = self.explainer.explain_images(crops[start:start + BATCH_SIZE], None, method)
+                predictions += predictor.to_predictions(probs)
+                cams += batch_cams
+            return predictions, cams
+        predictions = predictor.predict(crops, clinical=[clinical] * len(crops))
+        cams = [self.explainer.explain(crop, class_id or p.label, method).cam for crop, p in zip(crops, predictions)]
+        return predictions, cams
+
     def _analyze(self, source: ImageInput, name: str, clinical: ClinicalValues | None, class_id: str | None,
                  method: str, kind: str, pixel_size_um: float | None) -> ImageAnalysis:
         started = time.perf_counter()
@@ -244,15 +263,14 @@ class Analyzer:
         if segmented.kind == "crop" and not segmented.cells:
             segmented.cells = [Cell((0, 0, rgb.shape[1], rgb.shape[0]), rgb, segmented.mask, False)]
         crops = [c.crop for c in segmented.cells]
-        predictions = self.predictor.predict(crops, clinical=[clinical] * len(crops)) if crops else []
+        predictions, cams = self._classify_and_explain(crops, clinical, class_id, method)
         cells = []
-        for index, (cell, prediction) in enumerate(zip(segmented.cells, predictions), start=1):
-            explanation = self.explainer.explain(cell.crop, class_id or prediction.label, method)
+        for index, (cell, prediction, cam) in enumerate(zip(segmented.cells, predictions, cams), start=1):
             segmented_cell = bool(cell.mask.any())
             measures = measure_cell(cell.mask, cell.crop, pixel_size_um).as_dict() if segmented_cell else None
-            inside = energy_inside(explanation.cam, cell.mask) if segmented_cell else None
+            inside = energy_inside(cam, cell.mask) if segmented_cell else None
             cells.append(CellResult(index, cell.box, cell.touches_border, cell.crop, cell.mask, prediction,
-                                    explanation.cam, inside, measures))
+                                    cam, inside, measures))
         card = self.predictor.card
         return ImageAnalysis(name=name, rgb=rgb, kind=segmented.kind, task=self.predictor.task, model_id=card.id,
                              weights_sha256=card.weights_sha256, cam_method=method,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -97,22 +98,32 @@ class Explainer:
         cam = self.cam_object(method)
         targets = None if class_index is None else [ClassifierOutputTarget(class_index)] * len(batch)
         with torch.enable_grad():
-            maps = cam(input_tensor=batch.to(self.predictor.device), targets=targets)
+            maps = cam(input_tensor=batch.to(self.predictor.device).contiguous(memory_format=torch.channels_last),
+                       targets=targets)
         logits = cam.outputs.detach().float().cpu()
         cam.activations_and_grads.clear()
         return maps, calibrated_probabilities(logits, self.predictor.card.temperature)
 
+    def explain_images(self, images: Sequence[np.ndarray], class_index: int | None = None,
+                       method: str = "gradcam") -> tuple[list[np.ndarray], np.ndarray]:
+        """CAMs (0-1, each at its image's size) and calibrated probabilities (N, K) of RGB
+        images, in one forward and backward pass, for ``class_index`` or each image's
+        predicted class."""
+        maps, probs = self.explain_batch(self.predictor.tensors(images), class_index, method)
+        cams = [np.clip(cv2.resize(m, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+                for m, rgb in zip(maps, images)]
+        return cams, probs
+
     def explain(self, image: ImageInput, class_id: str | None = None, method: str = "gradcam") -> Explanation:
         """Explain one image for ``class_id`` (default: the predicted class)."""
-        rgb = load_image(image)
+        rgb = np.asarray(load_image(image))
         classes = self.predictor.classes
         if class_id is not None and class_id not in classes:
             raise ValueError(f"{class_id!r} is not a class of this model ({', '.join(classes)})")
         index = None if class_id is None else classes.index(class_id)
-        maps, probs = self.explain_batch(self.predictor.tensors([rgb]), index, method)
+        cams, probs = self.explain_images([rgb], index, method)
         chosen = int(probs[0].argmax()) if index is None else index
-        cam = cv2.resize(maps[0], rgb.size, interpolation=cv2.INTER_LINEAR)
-        return Explanation(np.clip(cam, 0.0, 1.0), classes[chosen], float(probs[0, chosen]),
+        return Explanation(cams[0], classes[chosen], float(probs[0, chosen]),
                            dict(zip(classes, map(float, probs[0]))), method)
 
 
@@ -145,9 +156,10 @@ def save_png(array: np.ndarray, path: Path) -> Path:
 
 
 def energy_inside(cam: np.ndarray, cell_mask: np.ndarray) -> float:
-    """Share of the CAM's total energy (sum of its values) that falls inside the cell mask."""
+    """Share of the CAM's total energy (sum of its values) that falls inside the cell mask;
+    NaN for an all-zero map, which points nowhere."""
     total = float(cam.sum())
-    return float(cam[cell_mask > 0].sum() / total) if total > 0 else 0.0
+    return float(cam[cell_mask > 0].sum() / total) if total > 0 else float("nan")
 
 
 def deletion_insertion(explainer: Explainer, batch: torch.Tensor, cams: np.ndarray,
@@ -195,6 +207,6 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
             rd, ri = deletion_insertion(explainer, batch, random_maps, percentiles)
             deletion += d.tolist(); insertion += i.tolist()
             random_deletion += rd.tolist(); random_insertion += ri.tolist()
-    return {"method": method, "images": len(samples), "energy_inside_cell": float(np.mean(shares)) if shares else None,
+    return {"method": method, "images": len(samples), "energy_inside_cell": float(np.nanmean(shares)) if shares and not np.isnan(shares).all() else None,
             "deletion": float(np.mean(deletion)), "deletion_random": float(np.mean(random_deletion)),
             "insertion": float(np.mean(insertion)), "insertion_random": float(np.mean(random_insertion))}

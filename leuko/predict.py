@@ -26,6 +26,11 @@ REVIEW_CONFIDENCE = 0.80
 """Below this calibrated top-class probability a result is flagged for human review, for a
 model whose card holds no threshold of its own."""
 
+BATCH_SIZE = 8
+"""Images per forward pass. Measured on a 2-core CPU with EfficientNet-Lite0 in channels-last
+layout: 7.8 ms per image at batch 1, 7.6 at 8, 8.9 at 32 and 10.9 at 64 (larger batches
+overflow the caches)."""
+
 
 @dataclass
 class Prediction:
@@ -78,7 +83,7 @@ class Predictor:
         self.card = loaded.card
         self.task: Task = get_task(loaded.card.task)
         self.device = pick_device(device)
-        self.network = loaded.network.to(self.device).eval()
+        self.network = loaded.network.to(self.device).eval().to(memory_format=torch.channels_last)
         self.transform = build_transform(loaded.card.input_config, train=False)
         self.tta = tta
         self.fusion = get_arch(loaded.card.arch).fusion
@@ -97,7 +102,7 @@ class Predictor:
     def logits(self, batch: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
         """Raw (uncalibrated) logits of a preprocessed batch, on the CPU. ``clinical`` (the
         encoded values of :func:`leuko.clinical.encode`) is used by fusion models only."""
-        inputs = [batch.to(self.device)]
+        inputs = [batch.to(self.device).contiguous(memory_format=torch.channels_last)]
         if self.fusion and clinical is not None:
             inputs.append(clinical.to(self.device))
         return self.network(*inputs).float().cpu()
@@ -109,7 +114,12 @@ class Predictor:
         probs = [calibrated_probabilities(self.logits(v, clinical), self.card.temperature) for v in views]
         return np.mean(probs, axis=0)
 
-    def predict(self, images: Sequence[ImageInput], batch_size: int = 32,
+    def to_predictions(self, probabilities: np.ndarray) -> list[Prediction]:
+        """One :class:`Prediction` per row of calibrated (N, K) probabilities, flagged for
+        review below the model's threshold."""
+        return [Prediction(self.classes, p, bool(p.max() < self.review_confidence)) for p in probabilities]
+
+    def predict(self, images: Sequence[ImageInput], batch_size: int = BATCH_SIZE,
                 clinical: Sequence[ClinicalValues | None] | None = None) -> list[Prediction]:
         """Predict images given as paths, bytes, PIL images or RGB arrays; ``clinical`` gives
         each image's blood count (used by fusion models, missing values allowed).
@@ -122,9 +132,7 @@ class Predictor:
             encoded = None
             if clinical is not None:
                 encoded = torch.tensor([encode(v) for v in clinical[start:start + batch_size]], dtype=torch.float32)
-            probs = self.probabilities(self.tensors(images[start:start + batch_size]), encoded)
-            results += [Prediction(self.classes, p, bool(p.max() < self.review_confidence))
-                        for p in probs]
+            results += self.to_predictions(self.probabilities(self.tensors(images[start:start + batch_size]), encoded))
         return results
 
     def predict_one(self, image: ImageInput) -> Prediction:

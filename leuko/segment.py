@@ -184,21 +184,20 @@ class LearnedSegmenter:
         self.torch = torch
         self.card = card
         self.device = pick_device(device)
-        self.network = network.to(self.device).eval()
+        self.network = network.to(self.device).eval().to(memory_format=torch.channels_last)
         self.size = int(card.input["input_size"])
         self.mean = np.array(card.input["mean"], np.float32)
         self.std = np.array(card.input["std"], np.float32)
 
-    def probabilities(self, rgb: np.ndarray) -> np.ndarray:
-        """Class probabilities (3, H, W) at the image's own resolution."""
+    def logits(self, rgb: np.ndarray) -> "torch.Tensor":
+        """Class logits (1, 3, H, W) at the image's own resolution."""
         torch = self.torch
         height, width = rgb.shape[:2]
         resized = cv2.resize(rgb, (self.size, self.size), interpolation=cv2.INTER_AREA)
         tensor = torch.from_numpy(((resized.astype(np.float32) / 255.0 - self.mean) / self.std).transpose(2, 0, 1))
         with torch.inference_mode():
-            logits = self.network(tensor[None].to(self.device)).float()
-            logits = torch.nn.functional.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        return logits.softmax(1)[0].cpu().numpy()
+            logits = self.network(tensor[None].to(self.device).contiguous(memory_format=torch.channels_last)).float()
+            return torch.nn.functional.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
 
     def segment(self, rgb: np.ndarray) -> np.ndarray:
         """Mask (H, W) uint8, 0/128/255, of the central cell of a crop."""
@@ -206,7 +205,7 @@ class LearnedSegmenter:
         if min(height, width) < MIN_SIDE:
             raise SegmentationError(f"image of {width}x{height} pixels is too small to segment "
                                     f"(at least {MIN_SIDE}x{MIN_SIDE} needed)")
-        classes = self.probabilities(rgb).argmax(0)
+        classes = self.logits(rgb)[0].argmax(0).cpu().numpy()
         return keep_central_cell(np.array([BACKGROUND, CYTOPLASM, NUCLEUS], np.uint8)[classes])
 
 

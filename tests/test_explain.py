@@ -1,6 +1,7 @@
 import gc
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -14,6 +15,7 @@ from tests.conftest import synthetic_cell
 
 
 def _predictor(tmp_path, arch="efficientnet_lite0", size=64) -> Predictor:
+    torch.manual_seed(0)
     store = ModelStore([tmp_path / "models"])
     card = ModelCard(id=f"m-{arch}", task="all_binary", classes=["ALL", "normal"], arch=arch,
                      input=InputConfig(input_size=size).to_dict(), temperature=1.5)
