@@ -16,3 +16,4 @@ su postgres -s /bin/sh -c "'$bin/pg_ctl' -D '$data' -o '-p $port -k /tmp -h 127.
 su postgres -s /bin/sh -c "'$bin/createdb' -h 127.0.0.1 -p $port -U leuko leuko_test" >&2
 echo "postgresql+psycopg://leuko@127.0.0.1:$port/leuko_test"
 echo "$bin/pg_ctl -D $data stop" > "$data/stop-command"
+echo "$bin/pg_ctl -D $data -o '-p $port -k /tmp -h 127.0.0.1' -l $data/log -w start" > "$data/start-command"

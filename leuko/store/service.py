@@ -119,7 +119,11 @@ class CaseStore:
 
     def __init__(self, url: str | None = None, home: Path | None = None, upgrade_schema: bool = True) -> None:
         self.home = Path(home or leuko_home())
-        self.url = url or database_url(self.home)
+        try:
+            self.url = url or database_url(self.home)
+        except OSError as exc:
+            raise StoreUnavailableError(f"the data folder {self.home} cannot be used ({exc.strerror or exc}); "
+                                        "set LEUKO_HOME to a writable folder") from exc
         self.engine = make_engine(self.url)
         self.files = FileStore(self.home / "files")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -249,15 +253,20 @@ class CaseStore:
                 raise StoreError(f"a case with reference {reference!r} already exists")
         created: list[str] = []
         stored = []
-        for image in images:
-            suffix = Path(image.original_name).suffix.lower() or ".bin"
-            path, digest = self.files.put(image.data, suffix, created)
-            crops = [self.files.put(cell.crop_png, ".png", created)[0] if cell.crop_png else None
-                     for cell in image.cells]
-            predictions = [self._store_prediction(image.prediction, 0, None, created) if image.prediction else None]
-            predictions += [self._store_prediction(cell.prediction, 0, None, created) if cell.prediction else None
-                            for cell in image.cells]
-            stored.append((image, path, digest, crops, predictions))
+        try:
+            for image in images:
+                suffix = Path(image.original_name).suffix.lower() or ".bin"
+                path, digest = self.files.put(image.data, suffix, created)
+                crops = [self.files.put(cell.crop_png, ".png", created)[0] if cell.crop_png else None
+                         for cell in image.cells]
+                predictions = [self._store_prediction(image.prediction, 0, None, created) if image.prediction else None]
+                predictions += [self._store_prediction(cell.prediction, 0, None, created) if cell.prediction else None
+                                for cell in image.cells]
+                stored.append((image, path, digest, crops, predictions))
+        except OSError as exc:
+            self.files.discard(created)
+            raise StoreUnavailableError(f"the case's files could not be written under {self.files.root} "
+                                        f"({exc.strerror or exc}); nothing was saved") from exc
 
         def work(session: Session) -> int:
             if session.scalar(select(Case.id).where(Case.reference == reference)):

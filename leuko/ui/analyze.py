@@ -112,7 +112,7 @@ def image_inputs(task: str) -> list[tuple[str, bytes]]:
             st.info("No example folder is configured. Set LEUKO_EXAMPLES to a folder of images (class "
                     f"sub-folders or a manifest.csv). Public data for these tasks: {PUBLIC_DATASETS}.")
         else:
-            examples = {e.title: e for e in find_examples(task, root)}
+            examples = {e.title: e for e in find_examples(task, root, per_class=12)}
             chosen = st.multiselect(f"Examples from {root}", list(examples))
             items += [(examples[title].path.name, examples[title].path.read_bytes()) for title in chosen]
     return items
