@@ -200,6 +200,8 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 class Analyzer:
     """Loads a classifier, its explainer and a segmenter once; analyses images with them.
+    The classifier runs on PyTorch: Grad-CAM needs its gradients, and one pass gives both the
+    probabilities and the map.
 
     Raises :class:`leuko.modelstore.ModelNotFoundError` when the task has no model installed
     and :class:`leuko.device.DeviceError` when CUDA is asked for where there is none.
@@ -207,7 +209,7 @@ class Analyzer:
 
     def __init__(self, settings: AnalysisSettings) -> None:
         self.settings = settings
-        self.predictor = Predictor(settings.model_id, task=settings.task, device=settings.device)
+        self.predictor = Predictor(settings.model_id, task=settings.task, device=settings.device, backend="torch")
         self.explainer = Explainer(self.predictor)
         self.segment = make_segmenter(settings.segmenter, device=settings.device)
         self._lock = threading.Lock()

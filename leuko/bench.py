@@ -158,7 +158,7 @@ def run_benchmarks(device: str | None = None, repeats: int = 20) -> list[BenchRo
         rows.append(BenchRow(f"{task}: predict, batch 1", "ms", timed(lambda: predictor.predict([crop]), repeats),
                              timed(lambda: naive.predict(crop), repeats), bound))
         batch = [crop] * 64
-        batch_ms = timed(lambda: predictor.predict(batch, batch_size=64), max(3, repeats // 5), 1)
+        batch_ms = timed(lambda: predictor.predict(batch), max(3, repeats // 5), 1)
         naive_ms = timed(lambda: [naive.predict(crop) for _ in batch], max(3, repeats // 5), 1)
         rows.append(BenchRow(f"{task}: batch throughput", "images/s", 64000 / batch_ms, 64000 / naive_ms,
                              1000 / bound))

@@ -20,6 +20,7 @@ from leuko.device import pick_device
 from leuko.images import ImageInput, load_image
 from leuko.modelstore import LoadedModel, ModelStore
 from leuko.nets import get_arch
+from leuko.onnx_backend import OnnxClassifier, onnx_available
 from leuko.tasks import Task, get_task
 
 REVIEW_CONFIDENCE = 0.80
@@ -71,11 +72,13 @@ class Predictor:
     ``device`` is ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``. With ``tta`` the
     probabilities are averaged over the 8 rotations and flips of each image. Results below
     ``review_confidence`` (default: the card's threshold) are marked needs-review.
+    ``backend`` is ``torch``, ``onnx`` (ONNX Runtime, CPU, image-only models) or ``auto``
+    (ONNX Runtime where it applies and is installed, else PyTorch).
     """
 
     def __init__(self, model: str | LoadedModel | None = None, task: str | None = None,
                  device: str | None = None, tta: bool = False, store: ModelStore | None = None,
-                 review_confidence: float | None = None) -> None:
+                 review_confidence: float | None = None, backend: str = "auto") -> None:
         loaded = model if isinstance(model, LoadedModel) else (store or ModelStore()).load(model, task)
         if task is not None and loaded.card.task != task:
             raise ValueError(f"model {loaded.card.id!r} is for task {loaded.card.task!r}, not {task!r}")
@@ -89,7 +92,17 @@ class Predictor:
         self.fusion = get_arch(loaded.card.arch).fusion
         self.review_confidence = (review_confidence if review_confidence is not None
                                   else loaded.card.review_threshold or REVIEW_CONFIDENCE)
+        self.onnx = self._onnx_backend(backend)
 
+    def _onnx_backend(self, backend: str) -> OnnxClassifier | None:
+        if backend not in ("auto", "torch", "onnx"):
+            raise ValueError(f"backend must be auto, torch or onnx, not {backend!r}")
+        usable = self.device.type == "cpu" and not self.fusion and onnx_available()
+        if backend == "onnx" and not usable:
+            raise ValueError("the onnx backend needs onnxruntime, the CPU and an image-only model")
+        if backend == "torch" or not usable:
+            return None
+        return OnnxClassifier(self.network, self.card.input_config.input_size)
     @property
     def classes(self) -> list[str]:
         return list(self.card.classes)
@@ -102,6 +115,8 @@ class Predictor:
     def logits(self, batch: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
         """Raw (uncalibrated) logits of a preprocessed batch, on the CPU. ``clinical`` (the
         encoded values of :func:`leuko.clinical.encode`) is used by fusion models only."""
+        if self.onnx is not None:
+            return self.onnx(batch)
         inputs = [batch.to(self.device).contiguous(memory_format=torch.channels_last)]
         if self.fusion and clinical is not None:
             inputs.append(clinical.to(self.device))

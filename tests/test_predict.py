@@ -57,3 +57,24 @@ def test_task_mismatch_bad_image_and_missing_gpu_are_clear(store, monkeypatch):
     assert pick_device(None).type == "cpu"
     with pytest.raises(DeviceError):
         pick_device("tpu")
+
+
+def test_onnx_runtime_backend_agrees_with_pytorch(store):
+    images = [synthetic_cell(k, 48, seed=k) for k in range(10)]
+    onnx = Predictor("wbc", store=store, backend="onnx")
+    torch_only = Predictor("wbc", store=store, backend="torch")
+    assert onnx.onnx is not None and torch_only.onnx is None
+    for a, b in zip(onnx.predict(images), torch_only.predict(images)):
+        assert np.allclose(a.probabilities, b.probabilities, atol=1e-5)
+    with pytest.raises(ValueError, match="backend must be"):
+        Predictor("wbc", store=store, backend="tensorrt")
+
+
+def test_onnx_backend_is_refused_for_fusion_models(tmp_path):
+    store = ModelStore([tmp_path])
+    card = ModelCard(id="fused", task="all_binary", classes=["ALL", "normal"], arch="fusion_lite0",
+                     input=InputConfig(input_size=64).to_dict())
+    store.save(build_model("fusion_lite0", 2), card)
+    assert Predictor("fused", store=store).onnx is None
+    with pytest.raises(ValueError, match="image-only"):
+        Predictor("fused", store=store, backend="onnx")
