@@ -59,6 +59,8 @@ def server(tmp_path):
 
 
 def _shot(page, folder: Path, name: str) -> None:
+    page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_timeout(500)
     path = folder / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     target = os.environ.get("LEUKO_SCREENSHOTS")
