@@ -73,6 +73,7 @@ def test_sign_in_analyse_save_and_find_the_case(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     url, started = server
+    expect.set_options(timeout=60_000)
     crop = tmp_path / "cell.png"
     Image.fromarray(stained_cell(200, 70, 40)).save(crop)
     with sync_playwright() as playwright:
