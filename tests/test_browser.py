@@ -90,7 +90,7 @@ def test_sign_in_analyse_save_and_find_the_case(server, tmp_path):
         _shot(page, tmp_path, "home")
 
         page.get_by_role("link", name="Analyze").click()
-        expect(page.get_by_role("heading", name="Analyze")).to_be_visible()
+        expect(page.get_by_role("heading", name="Analyze", exact=True)).to_be_visible()
         page.locator("input[type=file]").set_input_files(str(crop))
         expect(page.get_by_text("cell.png")).to_be_visible()
         clicked = time.monotonic()
@@ -120,7 +120,7 @@ def test_sign_in_analyse_save_and_find_the_case(server, tmp_path):
         expect(page.get_by_text("Case CASE-E2E: signed")).to_be_visible()
 
         page.get_by_role("link", name="Train").click()
-        expect(page.get_by_role("heading", name="Train")).to_be_visible()
+        expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible()
         _shot(page, tmp_path, "train")
         page.get_by_role("link", name="Models").click()
         expect(page.get_by_text("Model cards")).to_be_visible()
