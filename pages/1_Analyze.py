@@ -4,8 +4,8 @@ explanations, segmentation and morphometrics, and save them as a case."""
 import streamlit as st
 
 from leuko.tasks import get_task
-from leuko.ui.analyze import (cbc_form, image_inputs, load_analyzer, run_analyses, save_section, settings_sidebar,
-                              show_analysis)
+from leuko.ui.analyze import (cbc_form, image_inputs, load_analyzer, model_summary, run_analyses, save_section,
+                              settings_sidebar, show_analysis)
 from leuko.ui.auth import login_section
 
 login_section()
@@ -13,6 +13,8 @@ st.title("Analyze")
 settings, options = settings_sidebar()
 analyzer = load_analyzer(settings)
 st.caption(get_task(settings.task).description + " Decision support, not a diagnosis.")
+if analyzer is not None:
+    model_summary(analyzer)
 clinical, clinical_error = cbc_form()
 items = image_inputs(settings.task)
 if st.button("Analyze", type="primary", disabled=not items or clinical_error is not None or analyzer is None):

@@ -19,7 +19,7 @@ from leuko.modelstore import ModelIntegrityError, ModelNotFoundError, ModelStore
 from leuko.store import StoreError, StoreUnavailableError
 from leuko.tasks import TASKS
 from leuko.ui.auth import case_store, current_user
-from leuko.ui.charts import probability_bars
+from leuko.ui.charts import probability_bars, recall_bars
 
 UPLOAD_TYPES = [suffix.lstrip(".") for suffix in IMAGE_SUFFIXES]
 
@@ -126,6 +126,18 @@ def load_analyzer(settings: AnalysisSettings) -> Analyzer | None:
     except (ModelNotFoundError, ModelIntegrityError, DeviceError) as exc:
         st.error(f"The model could not be loaded: {exc}")
         return None
+
+
+def model_summary(analyzer: Analyzer) -> None:
+    """The chosen model's test figures, so a user knows how far to trust it before uploading."""
+    card = analyzer.predictor.card
+    test = card.metrics.get("test")
+    if not isinstance(test, dict):
+        return
+    with st.expander(f"About {card.id}: test accuracy {test['accuracy']:.1%} on {test['n']} images"):
+        st.plotly_chart(recall_bars(analyzer.predictor.task, test["per_class"]), key="model_recall")
+        st.caption(f"{card.limitations} Results below {analyzer.predictor.review_confidence:.0%} confidence "
+                   "are marked needs-review.")
 
 
 def run_analyses(analyzer: Analyzer, options: RunOptions, items: list[tuple[str, bytes]],

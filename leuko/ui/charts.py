@@ -47,3 +47,14 @@ def training_curves(history: list[dict]) -> go.Figure:
                          yaxis2=dict(title="accuracy", overlaying="y", side="right", range=[0, 1]),
                          **{**LAYOUT, "height": 320})
     return figure
+
+
+def recall_bars(task: Task, per_class: dict[str, dict]) -> go.Figure:
+    """Per-class recall (sensitivity, 0-1) on a model's test split."""
+    names = [task.info(c).display for c in per_class]
+    values = [m["sensitivity"] for m in per_class.values()]
+    figure = go.Figure(go.Bar(x=values, y=names, orientation="h", marker_color="#8e6bb5",
+                              text=[f"{v:.1%}" for v in values], textposition="auto"))
+    figure.update_layout(xaxis=dict(range=[0, 1], title="recall on the test split"), **LAYOUT)
+    figure.update_yaxes(autorange="reversed")
+    return figure
