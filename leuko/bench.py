@@ -26,7 +26,8 @@ from leuko.explain import Explainer
 from leuko.modelstore import ModelNotFoundError, ModelStore
 from leuko.morphometrics import measure_cell
 from leuko.predict import Predictor
-from leuko.segment import make_segmenter, segment_image
+from leuko.segment import (BACKGROUND, CYTOPLASM, NUCLEUS, LearnedSegmenter, keep_central_cell, make_segmenter,
+                           segment_image)
 from leuko.tasks import TASKS
 
 
@@ -79,7 +80,7 @@ class NaiveClassifier:
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
-        self.network = copy.deepcopy(predictor.network)
+        self.network = copy.deepcopy(predictor.network).to(memory_format=torch.contiguous_format)
         config = predictor.card.input_config
         self.size, self.mean, self.std = config.input_size, list(config.mean), list(config.std)
 
@@ -103,9 +104,34 @@ class NaiveClassifier:
             return cam(input_tensor=self.tensor(image), targets=None)
 
 
+class NaiveSegmenter:
+    """The straightforward U-Net call: PIL resizing and normalisation, a plain channels-first
+    forward pass under ``no_grad``, the same mask post-processing as leuko."""
+
+    def __init__(self, learned: LearnedSegmenter) -> None:
+        self.network = copy.deepcopy(learned.network).to(memory_format=torch.contiguous_format)
+        self.size, self.device = learned.size, learned.device
+        self.mean, self.std = learned.mean.tolist(), learned.std.tolist()
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        image = Image.fromarray(rgb).resize((self.size, self.size), Image.BILINEAR)
+        tensor = TF.normalize(TF.to_tensor(image), self.mean, self.std)[None].to(self.device)
+        with torch.no_grad():
+            logits = torch.nn.functional.interpolate(self.network(tensor), size=rgb.shape[:2], mode="bilinear")
+        classes = logits[0].argmax(0).cpu().numpy()
+        return keep_central_cell(np.array([BACKGROUND, CYTOPLASM, NUCLEUS], np.uint8)[classes])
+
+
+def naive_segmenter(segment: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """The naive counterpart of a segmenter: :class:`NaiveSegmenter` for the learned one; the
+    classical one is already plain OpenCV."""
+    owner = getattr(segment, "__self__", None)
+    return NaiveSegmenter(owner) if isinstance(owner, LearnedSegmenter) else segment
+
+
 def naive_analysis(naive: "NaiveClassifier", segment: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray) -> None:
     """The straightforward crop analysis: PIL preprocessing, a plain forward pass, a new CAM
-    object, then the same segmentation and morphometrics as leuko."""
+    object, the naive segmentation, and the same morphometrics as leuko."""
     image = Image.fromarray(rgb)
     naive.predict(image)
     naive.explain(image)
@@ -146,7 +172,9 @@ def run_benchmarks(device: str | None = None, repeats: int = 20) -> list[BenchRo
     crop = sample_crop()
     crop_rgb = np.asarray(crop)
     segment = make_segmenter("auto", device=str(target))
-    rows.append(BenchRow("segment a 257x257 crop (auto segmenter)", "ms", timed(lambda: segment(crop_rgb), repeats)))
+    plain_segment = naive_segmenter(segment)
+    rows.append(BenchRow("segment a 257x257 crop (auto segmenter)", "ms", timed(lambda: segment(crop_rgb), repeats),
+                         timed(lambda: plain_segment(crop_rgb), repeats)))
     for task in TASKS:
         try:
             predictor = Predictor(task=task, device=str(target))
@@ -169,12 +197,12 @@ def run_benchmarks(device: str | None = None, repeats: int = 20) -> list[BenchRo
         with Analyzer(AnalysisSettings(task, device=str(target))) as analyzer:
             rows.append(BenchRow(f"{task}: full crop analysis", "ms",
                                  timed(lambda: analyzer.analyze(crop_rgb, kind="crop"), repeats),
-                                 timed(lambda: naive_analysis(naive, segment, crop_rgb), repeats)))
+                                 timed(lambda: naive_analysis(naive, plain_segment, crop_rgb), repeats)))
             field = sample_field()
             rows.append(BenchRow(f"{task}: field 1712x1368, 10 cells", "ms",
                                  timed(lambda: analyzer.analyze(field, kind="field"), 3, 1),
-                                 timed(lambda: [naive_analysis(naive, segment, cell.crop) for cell in
-                                                segment_image(field, segment, "field").cells], 3, 1)))
+                                 timed(lambda: [naive_analysis(naive, plain_segment, cell.crop) for cell in
+                                                segment_image(field, plain_segment, "field").cells], 3, 1)))
     return rows
 
 

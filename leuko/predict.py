@@ -20,7 +20,7 @@ from leuko.device import pick_device
 from leuko.images import ImageInput, load_image
 from leuko.modelstore import LoadedModel, ModelStore
 from leuko.nets import get_arch
-from leuko.onnx_backend import OnnxClassifier, onnx_available
+from leuko.onnx_backend import OnnxNetwork, check_backend, onnx_usable
 from leuko.tasks import Task, get_task
 
 REVIEW_CONFIDENCE = 0.80
@@ -94,15 +94,10 @@ class Predictor:
                                   else loaded.card.review_threshold or REVIEW_CONFIDENCE)
         self.onnx = self._onnx_backend(backend)
 
-    def _onnx_backend(self, backend: str) -> OnnxClassifier | None:
-        if backend not in ("auto", "torch", "onnx"):
-            raise ValueError(f"backend must be auto, torch or onnx, not {backend!r}")
-        usable = self.device.type == "cpu" and not self.fusion and onnx_available()
-        if backend == "onnx" and not usable:
-            raise ValueError("the onnx backend needs onnxruntime, the CPU and an image-only model")
-        if backend == "torch" or not usable:
-            return None
-        return OnnxClassifier(self.network, self.card.input_config.input_size)
+    def _onnx_backend(self, backend: str) -> OnnxNetwork | None:
+        if check_backend(backend, onnx_usable(self.device) and not self.fusion, "an image-only model"):
+            return OnnxNetwork(self.network, self.card.input_config.input_size)
+        return None
     @property
     def classes(self) -> list[str]:
         return list(self.card.classes)
