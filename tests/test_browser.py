@@ -58,6 +58,30 @@ def server(tmp_path):
         process.wait(10)
 
 
+def _idle(page) -> None:
+    """Wait until the app has finished its current script run (a click during a rerun can
+    land on an element that is about to be replaced)."""
+    page.wait_for_timeout(300)
+    expect_hidden = page.get_by_test_id("stStatusWidgetRunningIcon")
+    expect_hidden.wait_for(state="hidden")
+
+
+def _download(page, label: str) -> bytes:
+    """The file a download button gives. A click landing while the page reruns is lost about
+    once in fifteen runs here; a second click, as a user would make, then downloads."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for _ in range(2):
+        _idle(page)
+        try:
+            with page.expect_download(timeout=20_000) as download:
+                page.get_by_role("button", name=label).click()
+        except PlaywrightTimeout:
+            continue
+        return Path(download.value.path()).read_bytes()
+    pytest.fail(f"{label}: no download after two clicks")
+
+
 def _shot(page, folder: Path, name: str) -> None:
     page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     page.wait_for_timeout(500)
@@ -122,6 +146,8 @@ def test_sign_in_analyse_save_and_find_the_case(server, tmp_path):
         expect(page.get_by_text("Case CASE-E2E: reviewed")).to_be_visible()
         page.get_by_role("button", name="Sign off this case").click()
         expect(page.get_by_text("Case CASE-E2E: signed")).to_be_visible()
+        assert _download(page, "Download PDF report").startswith(b"%PDF")
+        assert _download(page, "Export the matching cases as CSV").startswith(b"case,")
 
         page.get_by_role("link", name="Train").click()
         expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible()

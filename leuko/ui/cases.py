@@ -61,7 +61,8 @@ def history_table(store: CaseStore, filters: CaseFilter) -> int | None:
         st.rerun()
     references = {f"{r['reference']} ({r['status']})": r["id"] for r in rows}
     chosen = st.selectbox("Open case", list(references))
-    st.download_button("Export the matching cases as CSV", cases_csv(store, filters), "leuko_cases.csv", "text/csv")
+    st.download_button("Export the matching cases as CSV", lambda: cases_csv(store, filters), "leuko_cases.csv",
+                       "text/csv")
     return references[chosen]
 
 
@@ -164,14 +165,19 @@ def case_detail(store: CaseStore, case_id: int, user: dict) -> None:
             st.error(str(exc))
         else:
             st.rerun()
-    with tempfile.TemporaryDirectory() as folder:
-        pdf = case_pdf(store, case.id, Path(folder) / "case.pdf").read_bytes()
-    right.download_button("Download PDF report", pdf, f"{case.reference}.pdf", "application/pdf")
+    right.download_button("Download PDF report", lambda: _pdf_bytes(store, case.id), f"{case.reference}.pdf",
+                          "application/pdf")
     with st.expander("Audit trail"):
         events = store.audit_trail(case.id)
         st.dataframe(pd.DataFrame([{"at": e.at, "who": e.actor, "action": e.action, "entity": e.entity,
                                     "id": e.entity_id, "old": e.old, "new": e.new} for e in events]),
                      hide_index=True)
+
+
+def _pdf_bytes(store: CaseStore, case_id: int) -> bytes:
+    """The case's PDF report, built when the user downloads it."""
+    with tempfile.TemporaryDirectory() as folder:
+        return case_pdf(store, case_id, Path(folder) / "case.pdf").read_bytes()
 
 
 def agreement_panel(store: CaseStore) -> None:
