@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -19,10 +19,10 @@ from PIL import Image
 
 from leuko.clinical import ClinicalValues, Flag, flags
 from leuko.explain import Explainer, energy_inside, overlay
-from leuko.images import ImageInput, load_image
+from leuko.images import ImageError, ImageInput, load_image
 from leuko.morphometrics import measure_cell
 from leuko.predict import BATCH_SIZE, Prediction, Predictor
-from leuko.segment import Cell, make_segmenter, segment_image
+from leuko.segment import Cell, SegmentationError, make_segmenter, segment_image
 from leuko.store import CellEntry, ImageEntry, PredictionEntry
 from leuko.tasks import Task
 
@@ -116,12 +116,15 @@ class ImageAnalysis:
             info = self.task.info(cell.prediction.label)
             lines.append(f"The model reads this cell as **{info.display}** with "
                          f"{cell.prediction.confidence:.0%} confidence. {info.meaning}")
-            if cell.prediction.needs_review:
+            if cell.prediction.needs_review and cell.morphometrics is not None:
                 lines.append("**The model is unsure** (confidence below its review threshold): "
                              "a hematologist must look at this cell before anything is concluded.")
             if cell.morphometrics is None:
-                lines.append("Segmentation found no cell outline in this crop, so no morphometrics are given; "
+                lines.append("**Segmentation found no cell outline in this crop**, so no morphometrics are given and "
+                             "the result is marked for review; "
                              "check that the crop is centred on one white cell.")
+            elif np.isnan(cell.cam_inside_cell):
+                lines.append("The explanation map is empty for this class: it cannot show where the model looked.")
             elif cell.cam_inside_cell < OFF_CELL_ENERGY:
                 lines.append(f"Only {cell.cam_inside_cell:.0%} of the model's attention falls on the cell itself; "
                              "the result may rest on the background and deserves extra care.")
@@ -261,7 +264,10 @@ class Analyzer:
         started = time.perf_counter()
         cbc_flags = flags(clinical) if clinical is not None else []
         rgb = np.asarray(load_image(source))
-        segmented = segment_image(rgb, self.segment, kind)
+        try:
+            segmented = segment_image(rgb, self.segment, kind)
+        except SegmentationError as exc:
+            raise ImageError(str(exc)) from exc
         if segmented.kind == "crop" and not segmented.cells:
             segmented.cells = [Cell((0, 0, rgb.shape[1], rgb.shape[0]), rgb, segmented.mask, False)]
         crops = [c.crop for c in segmented.cells]
@@ -269,6 +275,8 @@ class Analyzer:
         cells = []
         for index, (cell, prediction, cam) in enumerate(zip(segmented.cells, predictions, cams), start=1):
             segmented_cell = bool(cell.mask.any())
+            if not segmented_cell:
+                prediction = replace(prediction, needs_review=True)
             measures = measure_cell(cell.mask, cell.crop, pixel_size_um).as_dict() if segmented_cell else None
             inside = energy_inside(cam, cell.mask) if segmented_cell else None
             cells.append(CellResult(index, cell.box, cell.touches_border, cell.crop, cell.mask, prediction,

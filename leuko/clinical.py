@@ -17,7 +17,7 @@ own. Sources:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 Sex = Literal["female", "male"]
@@ -103,7 +103,9 @@ def validate(values: ClinicalValues) -> ClinicalValues:
 
     Checks: numbers are finite and within :data:`POSSIBLE`; sex is female or male; the
     absolute lymphocyte and neutrophil counts together do not exceed the WBC (5% slack
-    for rounding); lymphocyte and blast percentages together do not exceed 100%.
+    for rounding); lymphocyte and blast percentages together do not exceed 100%; an
+    absolute lymphocyte count given with the WBC and the lymphocyte percentage matches
+    their product (15% + 0.3 x10^9/L slack).
     """
     for item in fields(ClinicalValues):
         value = getattr(values, item.name)
@@ -123,6 +125,11 @@ def validate(values: ClinicalValues) -> ClinicalValues:
             and values.lymphocytes_pct + values.blasts_pct > 100.0:
         raise ClinicalValueError("lymphocytes_pct", f"lymphocytes {values.lymphocytes_pct}% and blasts "
                                                     f"{values.blasts_pct}% sum past 100%")
+    if None not in (values.wbc, values.lymphocytes_pct, values.lymphocytes_abs):
+        expected = values.wbc * values.lymphocytes_pct / 100.0
+        if abs(expected - values.lymphocytes_abs) > 0.15 * expected + 0.3:
+            raise ClinicalValueError("lymphocytes_abs", f"{values.lymphocytes_abs:g} x10^9/L does not match "
+                                                        f"{values.lymphocytes_pct:g}% of the WBC ({expected:.2f} x10^9/L)")
     absolute = sum(v for v in (values.lymphocytes_abs, values.neutrophils_abs) if v is not None)
     if values.wbc is not None and absolute > values.wbc * 1.05 + 0.05:
         raise ClinicalValueError("lymphocytes_abs", f"lymphocyte and neutrophil counts ({absolute:g} x10^9/L) "
@@ -219,8 +226,11 @@ MEANINGS = {
 
 
 def flags(values: ClinicalValues) -> list[Flag]:
-    """Validate, then list every abnormal finding with its value, range and meaning."""
+    """Validate, then list every abnormal finding with its value, range and meaning. An
+    absolute lymphocyte count left empty is taken as the lymphocyte percentage of the WBC."""
     validate(values)
+    if values.lymphocytes_abs is None and None not in (values.wbc, values.lymphocytes_pct):
+        values = replace(values, lymphocytes_abs=round(values.wbc * values.lymphocytes_pct / 100.0, 2))
     found: list[Flag] = []
 
     def check(field: str, low_name: str | None, high_name: str | None) -> None:

@@ -96,13 +96,23 @@ class Explainer:
         """CAMs (N, S, S) at input resolution and calibrated probabilities (N, K) of a
         preprocessed batch, for ``class_index`` or each image's predicted class."""
         cam = self.cam_object(method)
-        targets = None if class_index is None else [ClassifierOutputTarget(class_index)] * len(batch)
+        batch = batch.to(self.predictor.device).contiguous(memory_format=torch.channels_last)
         with torch.enable_grad():
-            maps = cam(input_tensor=batch.to(self.predictor.device).contiguous(memory_format=torch.channels_last),
-                       targets=targets)
+            maps = cam(input_tensor=batch, targets=self._targets(batch, class_index))
         logits = cam.outputs.detach().float().cpu()
         cam.activations_and_grads.clear()
         return maps, calibrated_probabilities(logits, self.predictor.card.temperature)
+
+    def _targets(self, batch: torch.Tensor, class_index: int | None) -> list | None:
+        """What each CAM explains: the class's logit (the predicted class when ``None``, left
+        to pytorch-grad-cam). A fusion model's second logit is fixed at zero, so its classes
+        are explained through their softmax probability, whose gradient never vanishes."""
+        if not self.predictor.fusion:
+            return None if class_index is None else [ClassifierOutputTarget(class_index)] * len(batch)
+        if class_index is None:
+            with torch.inference_mode():
+                return [ClassifierOutputSoftmaxTarget(int(c)) for c in self.predictor.network(batch).argmax(1)]
+        return [ClassifierOutputSoftmaxTarget(class_index)] * len(batch)
 
     def explain_images(self, images: Sequence[np.ndarray], class_index: int | None = None,
                        method: str = "gradcam") -> tuple[list[np.ndarray], np.ndarray]:

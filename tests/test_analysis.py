@@ -60,7 +60,8 @@ def test_an_analysis_saves_as_a_case_with_every_cell(analyzer, leuko_home):
 def test_blank_crop_is_still_classified_but_not_measured(analyzer):
     result = analyzer.analyze(np.full((120, 120, 3), 230, np.uint8), "blank.png")
     assert len(result.cells) == 1 and result.cells[0].morphometrics is None
-    assert "no cell outline" in result.summary()
+    assert result.cells[0].prediction.needs_review and result.needs_review
+    assert "no cell outline" in result.summary() and "marked for review" in result.summary()
 
 
 def test_field_without_leukocytes_says_so(analyzer):
@@ -80,3 +81,16 @@ def test_clinical_values_add_flags_and_impossible_ones_are_refused(analyzer):
 def test_unreadable_image_is_refused_with_a_message(analyzer):
     with pytest.raises(ImageError):
         analyzer.analyze(b"this is not an image", "bad.png")
+
+
+def test_an_image_too_small_to_segment_is_refused_as_an_image_error(analyzer):
+    with pytest.raises(ImageError, match="too small"):
+        analyzer.analyze(np.full((20, 20, 3), 200, np.uint8), "tiny.png")
+
+
+def test_fusion_model_explains_both_classes_with_a_non_empty_map():
+    with Analyzer(AnalysisSettings("all_binary", model_id="all_binary-fusion_lite0-simulated",
+                                   segmenter="classical")) as fusion:
+        for class_id in ("ALL", "normal"):
+            explanation = fusion.explainer.explain(stained_cell(), class_id)
+            assert explanation.class_id == class_id and explanation.cam.max() > 0

@@ -14,6 +14,7 @@ from leuko.clinical import (ClinicalValueError, ClinicalValues, convert, flags, 
     (ClinicalValues(blasts_pct=120), "blasts_pct", "0-100 %"),
     (ClinicalValues(lymphocytes_pct=70, blasts_pct=40), "lymphocytes_pct", "sum past 100%"),
     (ClinicalValues(wbc=3.0, lymphocytes_abs=2.5, neutrophils_abs=2.0), "lymphocytes_abs", "exceed the WBC"),
+    (ClinicalValues(wbc=10.0, lymphocytes_pct=10, lymphocytes_abs=8.0), "lymphocytes_abs", "does not match"),
     (ClinicalValues(sex="unknown"), "sex", "female or male"),
     (ClinicalValues(age="ten"), "age", "not a number"),
 ])
@@ -27,6 +28,12 @@ def test_abnormal_but_possible_values_are_accepted_and_flagged():
     values = ClinicalValues(age=40, sex="female", wbc=250.0, hemoglobin=6.0, platelets=20)
     assert validate(values) is values
     assert {f.name for f in flags(values)} == {"leukocytosis", "anemia", "thrombocytopenia", "bicytopenia"}
+
+
+def test_lymphocytosis_is_flagged_from_the_percentage_when_no_absolute_count_is_given():
+    assert "lymphocytosis" in {f.name for f in flags(ClinicalValues(age=40, wbc=20.0, lymphocytes_pct=80))}
+    assert "lymphocytosis" not in {f.name for f in flags(ClinicalValues(age=40, wbc=6.0, lymphocytes_pct=30))}
+    assert validate(ClinicalValues(wbc=10.0, lymphocytes_pct=30, lymphocytes_abs=3.1))
 
 
 def test_unit_conversion():

@@ -8,7 +8,8 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, delete, text, update
+from sqlalchemy.exc import DBAPIError
 from sklearn.metrics import cohen_kappa_score
 
 from leuko.cli import main
@@ -76,6 +77,8 @@ def test_a_saved_case_comes_back_whole_with_its_files(store):
     assert store.files.path(first.predictions[0].cam_path).is_file()
     with pytest.raises(StoreError, match="already exists"):
         store.save_case("C-1", "adam", [crop(3)])
+    with pytest.raises(StoreError, match="at least one image"):
+        store.save_case("C-EMPTY", "adam", [])
     assert store.check().ok
 
 
@@ -98,6 +101,8 @@ def test_sign_off_needs_every_item_reviewed_and_the_reviewer_role(store):
     assert store.case(case_id).status == "reviewed"
     with pytest.raises(PermissionDenied, match="reviewer role"):
         store.sign_off(case_id, "adam")
+    cell_reviews = [e for e in store.audit_trail(case_id) if e.action == "review" and e.entity == "cell"]
+    assert [e.new["final_label"] for e in cell_reviews] == ["ALL", "normal"]
     store.sign_off(case_id, "rita")
     signed = store.case(case_id)
     assert signed.status == "signed" and signed.sign_off.signed_by == "rita"
@@ -119,7 +124,11 @@ def test_audit_trail_records_old_and_new_values_and_cannot_be_edited(store):
         session.get(AuditEvent, events[0].id).actor = "someone else"
     with pytest.raises(StoreError, match="append-only"), store.session() as session:
         session.delete(session.get(AuditEvent, events[0].id))
-    assert store.audit_trail(case_id)[0].actor == "adam"
+    with pytest.raises(DBAPIError, match="append-only"), store.session() as session:
+        session.execute(update(AuditEvent).values(actor="someone else"))
+    with pytest.raises(DBAPIError, match="append-only"), store.session() as session:
+        session.execute(delete(AuditEvent))
+    assert store.audit_trail(case_id)[0].actor == "adam" and len(store.audit_trail(case_id)) == len(events)
 
 
 def test_history_filters_and_pagination(store):
@@ -181,7 +190,16 @@ def test_exports_csv_pdf_and_a_dataset_training_can_read(store, tmp_path):
     assert safe_cell("@cmd") == "'@cmd" and safe_cell("plain") == "plain"
     pdf = case_pdf(store, case_id, tmp_path / "case.pdf", {"model-a": "EfficientNet-Lite0, test accuracy 0.95"})
     assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 2000
+    unsigned = store.save_case("UNSIGNED", "adam", [crop(302)])
+    store.review(store.case(unsigned).images[0].id, "rita", "ALL")
+    disputed = store.save_case("DISPUTED", "adam", [crop(300)])
+    store.review(store.case(disputed).images[0].id, "rita", "normal")
+    store.sign_off(disputed, "rita")
     manifest = export_dataset(store, tmp_path / "dataset", "all_binary")
+    assert len(manifest.read_text().splitlines()) == 2
+    store.sign_off(unsigned, "rita")
+    manifest = export_dataset(store, tmp_path / "dataset", "all_binary")
+    assert len(manifest.read_text().splitlines()) == 3
     splits = {row["split"] for row in csv.DictReader(manifest.open())}
     samples = [s for split in splits for s in read_manifest(manifest, get_task("all_binary"), split)]
     assert sorted(s.label for s in samples) == [0, 1] and all(s.path.is_file() for s in samples)

@@ -41,11 +41,12 @@ def cases_csv(store: CaseStore, filters: CaseFilter | None = None) -> str:
             case = store.case(row["id"])
             for image in case.images:
                 finals = {r.cell_id: r for r in image.reviews}
+                numbers = {cell.id: cell.index for cell in image.cells}
                 for prediction in image.predictions:
                     review = finals.get(prediction.cell_id)
                     writer.writerow([safe_cell(v) for v in (
                         case.reference, case.status, case.created_at.isoformat(), case.created_by,
-                        image.original_name, prediction.cell_id or "", prediction.task, prediction.model_id,
+                        image.original_name, numbers.get(prediction.cell_id, ""), prediction.task, prediction.model_id,
                         prediction.label, f"{prediction.confidence:.4f}", prediction.needs_review,
                         review.final_label if review else "", review.reviewer if review else "",
                         case.sign_off.signed_by if case.sign_off else "")])
@@ -98,10 +99,11 @@ def case_pdf(store: CaseStore, case_id: int, path: Path, model_summaries: dict[s
                 pdf.image(str(picture), x=10 + 65 * k, y=top, h=45)
         pdf.set_y(top + 47)
         finals = {r.cell_id: r for r in image.reviews}
+        numbers = {cell.id: cell.index for cell in image.cells}
         for prediction in image.predictions:
             probabilities = ", ".join(f"{k} {v:.3f}" for k, v in prediction.probabilities.items())
             review = finals.get(prediction.cell_id)
-            where = f"cell {prediction.cell_id}: " if prediction.cell_id else ""
+            where = f"cell #{numbers[prediction.cell_id]}: " if prediction.cell_id in numbers else ""
             pdf.multi_cell(0, 5, _latin(
                 f"{where}{prediction.label} (confidence {prediction.confidence:.3f}"
                 f"{', NEEDS REVIEW' if prediction.needs_review else ''}) by {prediction.model_id}; {probabilities}. "
@@ -125,8 +127,10 @@ def _split_of(sha256: str) -> str:
 
 
 def export_dataset(store: CaseStore, folder: Path, task: str) -> Path:
-    """Reviewed crop images of ``task`` with their final labels, as ``images/`` plus a
-    ``manifest.csv`` (path, mask, dataset, task, label, split) that training reads directly.
+    """Crop images of ``task`` from signed-off cases with their final labels, as ``images/``
+    plus a ``manifest.csv`` (path, mask, dataset, task, label, split) that training reads
+    directly. Only signed cases count, since their labels are final; an image whose signed
+    labels disagree between cases is left out rather than given either label.
 
     File names are the images' sha256, so nothing from the original names (which may carry
     identifiers) leaves the store. The split is fixed by the digest (about 80% train, 10%
@@ -134,23 +138,30 @@ def export_dataset(store: CaseStore, folder: Path, task: str) -> Path:
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    rows, page = [], 1
+    labels: dict[str, set[str]] = {}
+    stored: dict[str, str] = {}
+    page = 1
     while True:
-        cases, total = store.list_cases(CaseFilter(task=task), page=page, page_size=200)
+        cases, total = store.list_cases(CaseFilter(task=task, status="signed"), page=page, page_size=200)
         for summary in cases:
             for image in store.case(summary["id"]).images:
                 finals = [r for r in image.reviews if r.cell_id is None]
                 if image.kind != "crop" or not finals:
                     continue
-                name = f"{image.sha256}{Path(image.stored_path).suffix}"
-                shutil.copyfile(store.files.path(image.stored_path), folder / "images" / name)
-                rows.append((f"images/{name}", "", "leuko_cases", task, finals[-1].final_label,
-                             _split_of(image.sha256)))
+                labels.setdefault(image.sha256, set()).add(finals[-1].final_label)
+                stored[image.sha256] = image.stored_path
         if page * 200 >= total:
             break
         page += 1
+    rows = []
+    for digest, found in sorted(labels.items()):
+        if len(found) != 1:
+            continue
+        name = f"{digest}{Path(stored[digest]).suffix}"
+        shutil.copyfile(store.files.path(stored[digest]), folder / "images" / name)
+        rows.append((f"images/{name}", "", "leuko_cases", task, found.pop(), _split_of(digest)))
     with open(folder / "manifest.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "mask", "dataset", "task", "label", "split"])
-        writer.writerows(sorted(set(rows)))
+        writer.writerows(rows)
     return folder / "manifest.csv"

@@ -248,6 +248,8 @@ class CaseStore:
         """
         if not reference.strip():
             raise StoreError("a case needs a (pseudonymous) reference")
+        if not images:
+            raise StoreError("a case needs at least one image")
         with self.session() as session:
             if session.scalar(select(Case.id).where(Case.reference == reference)):
                 raise StoreError(f"a case with reference {reference!r} already exists")
@@ -445,13 +447,16 @@ class CaseStore:
         return out
 
     def audit_trail(self, case_id: int | None = None) -> list[AuditEvent]:
-        """Audit events, oldest first (of one case and its images when ``case_id`` is given)."""
+        """Audit events, oldest first (of one case, its images and their cells when ``case_id``
+        is given)."""
         with self.session() as session:
             query = select(AuditEvent).order_by(AuditEvent.id)
             if case_id is not None:
                 image_ids = list(session.scalars(select(ImageRecord.id).where(ImageRecord.case_id == case_id)))
+                cell_ids = list(session.scalars(select(Cell.id).where(Cell.image_id.in_(image_ids))))
                 query = query.where(((AuditEvent.entity == "case") & (AuditEvent.entity_id == case_id))
-                                    | ((AuditEvent.entity == "image") & AuditEvent.entity_id.in_(image_ids)))
+                                    | ((AuditEvent.entity == "image") & AuditEvent.entity_id.in_(image_ids))
+                                    | ((AuditEvent.entity == "cell") & AuditEvent.entity_id.in_(cell_ids)))
             return list(session.scalars(query))
 
     def check(self, repair: bool = False) -> ConsistencyReport:

@@ -16,6 +16,7 @@ from leuko.examples import PUBLIC_DATASETS, examples_root, find_examples
 from leuko.explain import CAM_METHODS
 from leuko.images import IMAGE_SUFFIXES, ImageError
 from leuko.modelstore import ModelIntegrityError, ModelNotFoundError, ModelStore
+from leuko.predict import REVIEW_CONFIDENCE
 from leuko.store import StoreError, StoreUnavailableError
 from leuko.tasks import TASKS
 from leuko.ui.auth import case_store, current_user
@@ -205,8 +206,10 @@ def show_analysis(analysis: ImageAnalysis, key: str) -> None:
 
 
 def analysis_threshold(analysis: ImageAnalysis) -> float | None:
+    """The review threshold the analysis was flagged against: the model card's, else the
+    predictor's default; ``None`` when the model is no longer installed."""
     try:
-        return ModelStore().locate(analysis.model_id)[0].review_threshold
+        return ModelStore().locate(analysis.model_id)[0].review_threshold or REVIEW_CONFIDENCE
     except ModelNotFoundError:
         return None
 

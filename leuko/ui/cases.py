@@ -59,11 +59,11 @@ def history_table(store: CaseStore, filters: CaseFilter) -> int | None:
     if right.button("Next page", disabled=page >= pages):
         st.session_state["cases_page"] = page + 1
         st.rerun()
-    references = {f"{r['reference']} ({r['status']})": r["id"] for r in rows}
-    chosen = st.selectbox("Open case", list(references))
+    names = {r["id"]: f"{r['reference']} ({r['status']})" for r in rows}
+    chosen = st.selectbox("Open case", list(names), format_func=names.get, key="open_case")
     st.download_button("Export the matching cases as CSV", lambda: cases_csv(store, filters), "leuko_cases.csv",
                        "text/csv")
-    return references[chosen]
+    return chosen
 
 
 def _image_bytes(store: CaseStore, relative: str | None) -> bytes | None:
@@ -91,7 +91,10 @@ def review_image(store: CaseStore, image: ImageRecord, user: dict, locked: bool)
         captions += ["Grad-CAM", "Mask"]
     shown = [(p, c) for p, c in zip(pictures, captions) if p]
     st.image([p for p, _ in shown], caption=[c for _, c in shown], width=220 if image.kind == "crop" else 480)
-    if image.kind == "crop" or not image.cells:
+    if image.kind == "field" and not image.cells:
+        _empty_field_review(store, image, finals.get(None), user, locked)
+        return
+    if image.kind == "crop":
         if whole is None:
             st.caption("No prediction was stored for this image.")
             return
@@ -99,7 +102,7 @@ def review_image(store: CaseStore, image: ImageRecord, user: dict, locked: bool)
         review_flag = " — needs review" if whole.needs_review else ""
         st.markdown(f"Model **{whole.model_id}**: {task.info(whole.label).display}, "
                     f"{whole.confidence:.0%}{review_flag}. Final: **{finals.get(None, 'not reviewed')}**")
-        _review_form(store, image, [(None, whole.label, finals.get(None))], task, user, locked)
+        _review_form(store, image, [(None, whole.label, finals.get(None), whole.needs_review)], task, user, locked)
         return
     task = get_task(next(iter(predictions.values())).task)
     by_class: dict[str, list] = {}
@@ -113,33 +116,70 @@ def review_image(store: CaseStore, image: ImageRecord, user: dict, locked: bool)
         st.image([c for c in crops if c], width=110,
                  caption=[f"#{cell.index} {p.confidence:.0%}" + (" review" if p and p.needs_review else "")
                           for (cell, p), c in zip(cells, crops) if c])
-        items += [(cell.id, p.label if p else task.class_ids[0], finals.get(cell.id)) for cell, p in cells]
+        items += [(cell.id, p.label if p else None, finals.get(cell.id), p is None or p.needs_review)
+                  for cell, p in cells]
     _review_form(store, image, items, task, user, locked, {c.id: c.index for c in image.cells})
 
 
-def _review_form(store: CaseStore, image: ImageRecord, items: list[tuple[int | None, str, str | None]], task,
-                 user: dict, locked: bool, numbers: dict[int, int] | None = None) -> None:
-    """Final label per item (preset to the existing review, else the prediction) and a comment."""
+NO_LEUKOCYTE = "no leukocyte"
+"""Final label of a field image in which neither the cell finder nor the reviewer found a
+leukocyte."""
+
+
+def _empty_field_review(store: CaseStore, image: ImageRecord, final: str | None, user: dict, locked: bool) -> None:
+    """A field in which no leukocyte was found: the reviewer confirms that, so the case can
+    be signed, or re-analyses the image if a leukocyte was missed."""
+    st.markdown(f"No leukocyte was found in this field. Final: **{final or 'not reviewed'}**")
+    if locked or final == NO_LEUKOCYTE:
+        return
+    st.caption("If it does hold a leukocyte, analyse it again as single-cell crops.")
+    if st.button("Confirm: no leukocyte in this field", key=f"empty_{image.id}"):
+        _save_reviews(store, image, user, {None: NO_LEUKOCYTE}, "")
+
+
+def _save_reviews(store: CaseStore, image: ImageRecord, user: dict, labels: dict[int | None, str],
+                  comment: str) -> None:
+    try:
+        for cell_id, label in labels.items():
+            store.review(image.id, user["name"], label, comment, cell_id=cell_id)
+    except (StoreError, StoreUnavailableError) as exc:
+        st.error(f"Review not saved: {exc}")
+    else:
+        st.rerun()
+
+
+def _review_form(store: CaseStore, image: ImageRecord, items: list[tuple[int | None, str | None, str | None, bool]],
+                 task, user: dict, locked: bool, numbers: dict[int, int] | None = None) -> None:
+    """Final label per item (cell id or ``None`` for the image, predicted label, existing final
+    label, needs review) and a comment. An item starts at its final label, else at the
+    prediction; one the model flagged for review starts empty, so a person must choose it.
+    Submitting saves only the items whose label is new or changed."""
     if locked:
         return
     with st.form(f"review_{image.id}"):
         columns = st.columns(min(4, len(items)))
         chosen = {}
-        for position, (cell_id, predicted, final) in enumerate(items):
+        for position, (cell_id, predicted, final, needs_review) in enumerate(items):
             label = "Final label" if cell_id is None else f"Cell #{numbers[cell_id]}"
-            default = task.class_ids.index(final if final in task.class_ids else predicted)
+            start = final if final in task.class_ids else None if needs_review else predicted
             chosen[cell_id] = columns[position % len(columns)].selectbox(
-                label, task.class_ids, index=default, format_func=lambda c: task.info(c).display,
-                key=f"final_{image.id}_{cell_id}")
+                label + (" (flagged)" if needs_review and final is None else ""), task.class_ids,
+                index=task.class_ids.index(start) if start in task.class_ids else None,
+                format_func=lambda c: task.info(c).display, placeholder="Choose", key=f"final_{image.id}_{cell_id}")
         comment = st.text_input("Comment", key=f"comment_{image.id}")
         if st.form_submit_button("Confirm or reclassify"):
-            try:
-                for cell_id, label in chosen.items():
-                    store.review(image.id, user["name"], label, comment, cell_id=cell_id)
-            except (StoreError, StoreUnavailableError) as exc:
-                st.error(f"Review not saved: {exc}")
-            else:
-                st.rerun()
+            finals = {cell_id: final for cell_id, _, final, _ in items}
+            undecided = sum(label is None for label in chosen.values())
+            if undecided:
+                st.session_state[f"review_notice_{image.id}"] = (
+                    f"{undecided} flagged item(s) of {image.original_name} still need a label chosen by you.")
+            changes = {c: label for c, label in chosen.items() if label is not None and label != finals[c]}
+            if comment and not changes:
+                changes = {c: label for c, label in chosen.items() if label is not None}
+            _save_reviews(store, image, user, changes, comment)
+    notice = st.session_state.pop(f"review_notice_{image.id}", None)
+    if notice:
+        st.warning(notice)
 
 
 def case_detail(store: CaseStore, case_id: int, user: dict) -> None:
