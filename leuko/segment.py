@@ -61,6 +61,14 @@ def absolute_nucleus_score(rgb: np.ndarray) -> np.ndarray:
     return 0.5 * hsv[..., 1] / 255.0 + 0.5 * np.clip((rgbf[..., 2] - rgbf[..., 1]) / 128.0, 0.0, 1.0)
 
 
+NUCLEUS_EVIDENCE = 0.2
+"""Least absolute nucleus score (:func:`absolute_nucleus_score`, smoothed) that a crop's most
+nucleus-like spot must reach for the classical segmenter to look for a nucleus at all. Every
+image of the shared segmentation sets reaches 0.27 or more (most 0.5-0.8); blank, noise-only
+and greyscale images stay below 0.15, where a per-image stretch would otherwise turn camera
+noise into a 'nucleus'."""
+
+
 def cell_score(rgb: np.ndarray) -> np.ndarray:
     """How leukocyte-like (nucleus or cytoplasm) each pixel is, 0-1: leukocyte cytoplasm is
     bluer than red cells (pink) and background (pale), so blue over the red-green mean."""
@@ -114,7 +122,8 @@ def classical_segment(rgb: np.ndarray, config: ClassicalConfig | None = None) ->
     sigma = max(0.5, config.smoothing * side)
     nucleus_map = cv2.GaussianBlur(nucleus_score(clean), (0, 0), sigma)
     cell_map = cv2.GaussianBlur(cell_score(clean), (0, 0), sigma)
-    if np.ptp(nucleus_map) < 0.05:
+    evidence = cv2.GaussianBlur(absolute_nucleus_score(rgb), (0, 0), sigma).max()
+    if np.ptp(nucleus_map) < 0.05 or evidence < NUCLEUS_EVIDENCE:
         return np.zeros((height, width), np.uint8)
     min_area = int(config.min_nucleus_fraction * height * width) + 1
     nucleus = nucleus_map > _otsu(nucleus_map)
@@ -180,12 +189,15 @@ class LearnedSegmenter:
         import torch
 
         from leuko.device import pick_device
+        from leuko.nets.fold import fold_batchnorm
 
         self.torch = torch
         self.card = card
         self.device = pick_device(device)
-        self.network = network.to(self.device).eval().to(memory_format=torch.channels_last)
         self.size = int(card.input["input_size"])
+        example = torch.randn(1, 3, self.size, self.size, generator=torch.Generator().manual_seed(0))
+        self.network = fold_batchnorm(network.to(self.device).eval().to(memory_format=torch.channels_last),
+                                      example.to(self.device).contiguous(memory_format=torch.channels_last))
         self.mean = np.array(card.input["mean"], np.float32)
         self.std = np.array(card.input["std"], np.float32)
 
@@ -280,15 +292,25 @@ def find_nuclei_groups(rgb: np.ndarray, config: FieldConfig | None = None) -> li
     return boxes
 
 
-def _crop_box(box: tuple[int, int, int, int], shape: tuple[int, int], crop_scale: float) -> tuple[tuple[int, int, int, int], bool]:
+def _crop_box(box: tuple[int, int, int, int], shape: tuple[int, int], crop_scale: float) -> tuple[int, int, int, int]:
+    """A square ``crop_scale`` times the box's longer side about its centre, clipped to the image."""
     x, y, w, h = box
     half = crop_scale * max(w, h) / 2
     cx, cy = x + w / 2, y + h / 2
-    x0, y0, x1, y1 = int(cx - half), int(cy - half), int(np.ceil(cx + half)), int(np.ceil(cy + half))
+    x0, y0, x1, y1 = int(np.floor(cx - half)), int(np.floor(cy - half)), int(np.ceil(cx + half)), int(np.ceil(cy + half))
     height, width = shape
-    cut = x0 < 0 or y0 < 0 or x1 > width or y1 > height
     x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
-    return (x0, y0, x1 - x0, y1 - y0), cut
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def _touches_image_border(mask: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int]) -> bool:
+    """Whether a crop's cell mask reaches an edge of the crop that is also the image's edge,
+    that is, whether the image border cuts the cell."""
+    x, y, w, h = box
+    height, width = shape
+    ys, xs = np.nonzero(mask)
+    return bool((x == 0 and xs.min() == 0) or (y == 0 and ys.min() == 0)
+                or (x + w == width and xs.max() == w - 1) or (y + h == height and ys.max() == h - 1))
 
 
 def segment_image(rgb: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], kind: str = "auto",
@@ -313,18 +335,16 @@ def segment_image(rgb: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], 
     field_mask = np.zeros((height, width), np.uint8)
     cells = []
     for box in find_nuclei_groups(rgb, config):
-        (x, y, w, h), cut = _crop_box(box, (height, width), config.crop_scale)
+        x, y, w, h = _crop_box(box, (height, width), config.crop_scale)
         if min(w, h) < MIN_SIDE:
             continue
         crop = np.ascontiguousarray(rgb[y:y + h, x:x + w])
         mask = segment(crop)
         if not (mask == NUCLEUS).any():
             continue
-        ys, xs = np.nonzero(mask)
-        touches = cut and (ys.min() == 0 or xs.min() == 0 or ys.max() == h - 1 or xs.max() == w - 1)
         region = field_mask[y:y + h, x:x + w]
         np.copyto(region, mask, where=(mask > region))
-        cells.append(Cell((x, y, w, h), crop, mask, bool(touches)))
+        cells.append(Cell((x, y, w, h), crop, mask, _touches_image_border(mask, (x, y, w, h), (height, width))))
     return SegmentedImage("field", field_mask, cells)
 
 

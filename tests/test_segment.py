@@ -156,3 +156,21 @@ def test_segment_command_writes_the_mask_contract_and_morphometrics(tmp_path):
     table = pd.read_csv(out / "morphometrics.csv")
     assert len(table) == 4 and table["touches_border"].sum() == 1
     assert {"nc_ratio", "nucleus_circularity", "nuclear_lobes", "chromatin_contrast", "nucleus_area_um2"} <= set(table)
+
+
+@pytest.mark.parametrize(("centre_x", "cut"), [(55, True), (40, True), (100, False)])
+def test_a_cell_is_marked_cut_exactly_when_the_image_border_crosses_it(centre_x, cut):
+    field = np.full((700, 900, 3), (236, 214, 220), np.uint8)
+    cv2.circle(field, (centre_x, 350), 60 if cut else 50, (196, 188, 228), -1)
+    cv2.circle(field, (centre_x, 350), 36, (105, 45, 150), -1)
+    cells = segment_image(field, classical_segment, "field").cells
+    assert len(cells) == 1 and cells[0].touches_border is cut
+
+
+def test_classical_segmenter_finds_no_cell_in_greyscale_or_noise_only_crops():
+    rng = np.random.default_rng(1)
+    blank = np.clip(rng.normal((236, 214, 220), 2, (120, 120, 3)), 0, 255).astype(np.uint8)
+    assert not classical_segment(blank).any()
+    assert classical_segment(stained_cell()).any()
+    grey_cell = cv2.cvtColor(cv2.cvtColor(stained_cell(), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    assert not classical_segment(grey_cell).any()
