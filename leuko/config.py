@@ -25,7 +25,9 @@ class TrainConfig:
     ``scheduler`` is ``plateau`` (the seeds' reduce-on-plateau on validation loss) or
     ``cosine`` (cosine decay over each phase's epochs, better suited to short CPU runs).
     ``channels_last`` uses the NHWC memory layout (faster on CUDA and, measured, on the CPU). ``stain_jitter`` is the strength
-    of stain-space colour augmentation (0 = off, 0.05-0.1 typical). ``extra_train`` adds
+    of stain-space colour augmentation (0 = off, 0.05-0.1 typical). ``zoom_range`` (low, high)
+replaces the default 0.7-1.0 area crop by a zoom between those factors (below 1 zooms out),
+for cells photographed at other magnifications. ``extra_train`` adds
     relabelled training images from another task of the same manifest, each entry
     ``{"task": ..., "split": "train", "label_map": {source class: target class}}``; the
     validation and test splits are never touched by it. ``train_repeat`` shows each image of
@@ -48,6 +50,7 @@ class TrainConfig:
     augment: bool = True
     balanced_sampling: bool = False
     stain_jitter: float = 0.0
+    zoom_range: tuple[float, float] | None = None
     extra_train: list[dict] | None = None
     train_repeat: int = 1
     clinical_dropout: float = 0.3
@@ -80,6 +83,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):
             self.preprocess = PreprocessConfig(**self.preprocess)
+        if self.zoom_range is not None:
+            self.zoom_range = (float(self.zoom_range[0]), float(self.zoom_range[1]))
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.scheduler not in ("plateau", "cosine"):

@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 
 from leuko.clinical import ClinicalValues, encode, from_row
 from leuko.images import IMAGE_SUFFIXES, load_image
-from leuko.preprocess import PreprocessConfig, apply_preprocessing
+from leuko.preprocess import PreprocessConfig, denoise_and_equalize, normalize_stain
 from leuko.tasks import Task
 
 SPLITS = ("train", "val", "test")
@@ -75,9 +75,50 @@ class SmearPreprocess:
         self.config = config
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        if self.config.is_identity:
+        if not self.config.wiener and self.config.equalization == "none":
             return image
-        return Image.fromarray(apply_preprocessing(np.asarray(image), self.config))
+        return Image.fromarray(denoise_and_equalize(np.asarray(image), self.config))
+
+
+class StainNormalize:
+    """Applies the configured stain normalisation to a PIL image. It runs after the training
+    augmentations, so the network learns from normalised colours whatever the jitter did."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.config = config
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if self.config.stain_normalization == "none":
+            return image
+        return Image.fromarray(normalize_stain(np.asarray(image), self.config))
+
+
+class RandomZoom:
+    """A change of magnification by a factor drawn log-uniformly from ``zoom_range``, about a
+    point near the centre, resized to ``size`` pixels square. Above 1 it crops in (a cell
+    filling the frame, as on a 100x rapid-stain camera); below 1 it shows more surroundings,
+    mirrored beyond the border. Microscopes, cameras and crop tools differ mostly in this."""
+
+    def __init__(self, zoom_range: tuple[float, float], size: int) -> None:
+        low, high = zoom_range
+        if not 0 < low <= high:
+            raise ValueError(f"zoom_range must be two positive factors, low first, not {zoom_range}")
+        self.log_low, self.log_high, self.size = math.log(low), math.log(high), size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        array = np.asarray(image)
+        height, width = array.shape[:2]
+        side = min(height, width) / math.exp(random.uniform(self.log_low, self.log_high))
+        centre_x = width / 2.0 + random.uniform(-0.1, 0.1) * side
+        centre_y = height / 2.0 + random.uniform(-0.1, 0.1) * side
+        canvas = max(1, int(round(side)))
+        shift = np.float32([[1, 0, canvas / 2.0 - centre_x], [0, 1, canvas / 2.0 - centre_y]])
+        window = cv2.warpAffine(array, shift, (canvas, canvas), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_REFLECT_101)
+        shrinking = canvas > self.size
+        resized = cv2.resize(window, (self.size, self.size),
+                             interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+        return Image.fromarray(resized)
 
 
 class RandomRotationReflect:
@@ -121,21 +162,27 @@ def _interpolation(name: str) -> v2.InterpolationMode:
             "bilinear": v2.InterpolationMode.BILINEAR}[name]
 
 
-def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0) -> v2.Compose:
+def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
+                    zoom_range: tuple[float, float] | None = None) -> v2.Compose:
     """PIL RGB image -> normalised float tensor (3, S, S).
 
     Training adds augmentations suited to smear cells, which have no canonical orientation:
-    any rotation, both flips, scale 0.7-1.0 of the area, and mild colour jitter standing in
-    for illumination differences. ``stain_jitter`` > 0 adds stain-space jitter of that
-    strength and occasional defocus blur, for robustness to other labs' stains and optics.
+    any rotation, both flips, scale 0.7-1.0 of the area (or, with ``zoom_range``, a zoom by
+    a factor in that range, below 1 to zoom out), and mild colour jitter standing in for
+    illumination differences. ``stain_jitter`` > 0 adds stain-space jitter of that strength
+    and occasional defocus blur, for robustness to other labs' stains and optics. Stain
+    normalisation, when the preprocessing sets it, comes last, in training and prediction.
     """
     size, mode = config.input_size, _interpolation(config.interpolation)
     steps: list = [SmearPreprocess(config.preprocess)]
     if train:
+        if zoom_range:
+            steps += [RandomZoom(zoom_range, size), RandomRotationReflect()]
+        else:
+            steps += [RandomRotationReflect(),
+                      v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1), interpolation=mode,
+                                           antialias=True)]
         steps += [
-            RandomRotationReflect(),
-            v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1), interpolation=mode,
-                                 antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.1, hue=0.02),
@@ -145,7 +192,7 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0)
                       v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.25)]
     else:
         steps.append(v2.Resize((size, size), interpolation=mode, antialias=True))
-    steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+    steps += [StainNormalize(config.preprocess), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
               v2.Normalize(list(config.mean), list(config.std))]
     return v2.Compose(steps)
 

@@ -6,6 +6,11 @@ Seed 002 denoises with a Wiener filter and then applies Dynamic Histogram Equali
 segmentation and classification. Both operate on the lightness channel only (CIELAB L*),
 so the stain's hue, which carries the diagnostic colour, is left as it is.
 
+Stain normalisation (Reinhard et al., IEEE Computer Graphics and Applications 21(5), 2001)
+maps each image's CIELAB channel means and spreads onto a reference, so a rapid stain's
+yellow background and a May-Gruenwald-Giemsa's pink one reach the network alike; it is an
+addition of this project for cells from other labs, not part of seed 002.
+
 Which steps run is part of each model's configuration (:class:`PreprocessConfig`), is saved
 in the model card and so is applied identically at training and at prediction time.
 """
@@ -20,6 +25,13 @@ import numpy as np
 from scipy.signal import wiener
 
 Equalization = Literal["none", "dhe", "clahe", "global"]
+StainNormalization = Literal["none", "reinhard"]
+
+PBC_LAB_MEAN = (201.2, 139.3, 135.0)
+"""CIELAB channel means (OpenCV's 8-bit scale) averaged over 300 images of the PBC training
+split (CellaVision DM96, May-Gruenwald-Giemsa): the default Reinhard reference."""
+PBC_LAB_STD = (41.4, 9.1, 14.3)
+"""CIELAB channel standard deviations matching :data:`PBC_LAB_MEAN`."""
 
 
 @dataclass
@@ -27,7 +39,9 @@ class PreprocessConfig:
     """Which classical preprocessing steps run before the network, and their settings.
 
     ``wiener_window`` is the side of the local window in pixels; ``clahe_clip`` is OpenCV's
-    clip limit and ``clahe_tiles`` the number of tiles per side.
+    clip limit and ``clahe_tiles`` the number of tiles per side. ``stain_normalization``
+    ``reinhard`` maps each image's CIELAB means and standard deviations onto
+    ``stain_target_mean`` and ``stain_target_std`` (OpenCV's 8-bit LAB scale).
     """
 
     wiener: bool = False
@@ -35,10 +49,17 @@ class PreprocessConfig:
     equalization: Equalization = "none"
     clahe_clip: float = 2.0
     clahe_tiles: int = 8
+    stain_normalization: StainNormalization = "none"
+    stain_target_mean: tuple[float, float, float] = PBC_LAB_MEAN
+    stain_target_std: tuple[float, float, float] = PBC_LAB_STD
+
+    def __post_init__(self) -> None:
+        self.stain_target_mean = tuple(self.stain_target_mean)
+        self.stain_target_std = tuple(self.stain_target_std)
 
     @property
     def is_identity(self) -> bool:
-        return not self.wiener and self.equalization == "none"
+        return not self.wiener and self.equalization == "none" and self.stain_normalization == "none"
 
 
 def wiener_filter(rgb: np.ndarray, window: int = 5) -> np.ndarray:
@@ -133,13 +154,41 @@ def _equalize_lightness(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
-def apply_preprocessing(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Run the configured steps on an HxWx3 uint8 RGB array; returns a new uint8 array."""
-    if config.is_identity:
-        return rgb
+def reinhard_normalize(rgb: np.ndarray, target_mean: tuple[float, float, float],
+                       target_std: tuple[float, float, float]) -> np.ndarray:
+    """Reinhard colour transfer of an HxWx3 uint8 RGB image onto CIELAB target statistics
+    (OpenCV's 8-bit LAB scale); a flat channel keeps the target mean."""
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB).astype(np.float32)
+    pixels = lab.reshape(-1, 3)
+    mean, std = pixels.mean(axis=0), pixels.std(axis=0)
+    scale = np.asarray(target_std, np.float32) / np.maximum(std, 1.0)
+    mapped = (pixels - mean) * scale + np.asarray(target_mean, np.float32)
+    lab = np.clip(mapped, 0, 255).round().astype(np.uint8).reshape(lab.shape)
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+
+
+def denoise_and_equalize(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """The configured Wiener filter and lightness equalisation, uint8 RGB in and out."""
     out = np.ascontiguousarray(rgb)
     if config.wiener:
         out = wiener_filter(out, config.wiener_window)
     if config.equalization != "none":
         out = _equalize_lightness(out, config)
     return out
+
+
+def normalize_stain(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """The configured stain normalisation, uint8 RGB in and out (the input when none)."""
+    if config.stain_normalization == "reinhard":
+        return reinhard_normalize(rgb, config.stain_target_mean, config.stain_target_std)
+    if config.stain_normalization != "none":
+        raise ValueError(f"unknown stain_normalization {config.stain_normalization!r}; use none or reinhard")
+    return rgb
+
+
+def apply_preprocessing(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Run all configured steps on an HxWx3 uint8 RGB array: denoising and equalisation,
+    then stain normalisation. Returns a new uint8 array (the input when nothing is set)."""
+    if config.is_identity:
+        return rgb
+    return normalize_stain(denoise_and_equalize(rgb, config), config)

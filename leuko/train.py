@@ -230,7 +230,8 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
     val_samples = load_split(config, task, "val")
     fusion = get_arch(config.arch).fusion
     train_set = ImageDataset(train_samples, build_transform(input_config, train=config.augment,
-                                                            stain_jitter=config.stain_jitter),
+                                                            stain_jitter=config.stain_jitter,
+                                                            zoom_range=config.zoom_range),
                              clinical=fusion, clinical_dropout=config.clinical_dropout)
     val_set = ImageDataset(val_samples, build_transform(input_config, train=False), clinical=fusion)
     if world > 1:

@@ -1,11 +1,12 @@
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from leuko.data import (InputConfig, ImageDataset, RandomRotationReflect, balanced_sampler, build_transform,
-                        read_folder, read_manifest)
+from leuko.data import (InputConfig, ImageDataset, RandomRotationReflect, RandomZoom, balanced_sampler,
+                        build_transform, read_folder, read_manifest)
 from leuko.preprocess import PreprocessConfig
 from leuko.tasks import get_task
 from tests.conftest import synthetic_cell, write_class_folder
@@ -73,6 +74,36 @@ def test_rotation_fills_corners_with_mirrored_background_not_black():
     image = Image.fromarray(np.full((30, 30, 3), 220, np.uint8))
     rotated = np.asarray(RandomRotationReflect()(image))
     assert rotated.min() == 220
+
+
+def _cell_diameter(image: np.ndarray) -> int:
+    """Widest dark disc in pixels: the longest run of dark pixels in any row (mirrored copies
+    at the border of a zoomed-out image are separate runs)."""
+    longest = 0
+    for row in image[..., 0] < 128:
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(int), [0]])))
+        longest = max([longest, *(edges[1::2] - edges[::2])])
+    return int(longest)
+
+
+def test_zoom_enlarges_or_shrinks_the_cell_by_the_drawn_factor():
+    frame = np.full((90, 90, 3), 230, np.uint8)
+    cv2.circle(frame, (45, 45), 15, (60, 30, 120), -1)
+    image = Image.fromarray(frame)
+    assert abs(_cell_diameter(np.asarray(RandomZoom((2.0, 2.0), 90)(image))) - 62) <= 4
+    zoomed_out = np.asarray(RandomZoom((0.5, 0.5), 90)(image))
+    assert zoomed_out.shape == (90, 90, 3) and abs(_cell_diameter(zoomed_out) - 15) <= 3
+    with pytest.raises(ValueError, match="zoom_range"):
+        RandomZoom((2.0, 1.0), 90)
+
+
+def test_training_transform_with_zoom_and_stain_normalisation_gives_the_input_size():
+    config = InputConfig(input_size=40, mean=(0.5,) * 3, std=(0.5,) * 3,
+                         preprocess=PreprocessConfig(stain_normalization="reinhard"))
+    image = Image.fromarray(synthetic_cell(0, 64))
+    for train in (True, False):
+        tensor = build_transform(config, train, stain_jitter=0.2, zoom_range=(0.7, 2.8))(image)
+        assert tensor.shape == (3, 40, 40) and torch.isfinite(tensor).all()
 
 
 def test_balanced_sampler_draws_classes_equally():

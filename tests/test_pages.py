@@ -6,10 +6,12 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from leuko.analysis import png_bytes
 from leuko.modelstore import ModelStore
 from leuko.paths import REPO_ROOT
-from leuko.store import CaseStore
+from leuko.store import CaseStore, ImageEntry, PredictionEntry
 from tests.conftest import write_class_folder
+from tests.test_segment import stained_cell
 
 PAGES = REPO_ROOT / "pages"
 
@@ -97,14 +99,37 @@ def test_a_reviewer_confirms_each_image_and_signs_off(leuko_home, examples, acco
     app = page("2_Cases.py", accounts["rita"])
     assert not app.exception and app.dataframe
     for index in range(2):
+        final = [s for s in app.selectbox if s.label.startswith("Final label")][index]
+        if final.value is None:
+            final.set_value("normal")
         [b for b in app.button if b.label == "Confirm or reclassify"][index].click().run()
-        assert not app.error
+        assert not app.error and not app.warning
     next(b for b in app.button if b.label == "Sign off this case").click().run()
     assert not app.error and "signed" in app.subheader[0].value
     store = CaseStore(home=leuko_home)
     actions = [e.action for e in store.audit_trail(1)]
     assert actions.count("review") == 2 and actions[-1] == "sign_off"
     store.close()
+
+
+def test_a_flagged_result_is_not_confirmed_until_a_person_chooses_its_label(leuko_home, accounts):
+    store = CaseStore(home=leuko_home)
+    flagged = PredictionEntry("m", "0" * 64, "all_binary", {"ALL": 0.55, "normal": 0.45}, "ALL", 0.55, True, 5.0)
+    store.save_case("FLAGGED", "ann", [ImageEntry(png_bytes(stained_cell()), "unsure.png", 160, 160, "crop", flagged),
+                                      ImageEntry(png_bytes(stained_cell()), "empty_field.png", 900, 700, "field")])
+    store.close()
+    app = page("2_Cases.py", accounts["rita"])
+    final = next(s for s in app.selectbox if s.label.startswith("Final label"))
+    assert final.value is None and "flagged" in final.label
+    next(b for b in app.button if b.label == "Confirm or reclassify").click().run()
+    assert "still need a label chosen by you" in app.warning[0].value
+    next(b for b in app.button if b.label == "Confirm: no leukocyte in this field").click().run()
+    next(b for b in app.button if b.label == "Sign off this case").click().run()
+    assert "unsure.png" in app.error[0].value and "empty_field.png" not in app.error[0].value
+    next(s for s in app.selectbox if s.label.startswith("Final label")).set_value("normal")
+    next(b for b in app.button if b.label == "Confirm or reclassify").click().run()
+    next(b for b in app.button if b.label == "Sign off this case").click().run()
+    assert not app.error and "signed" in app.subheader[0].value
 
 
 def test_sign_off_is_refused_while_an_image_is_unreviewed(leuko_home, examples, accounts):
@@ -132,10 +157,13 @@ def test_train_page_starts_a_background_job(leuko_home, accounts, binary_folder)
     number = {n.label: n for n in app.number_input}
     number["Epochs"].set_value(1)
     number["Input size (pixels)"].set_value(32)
+    next(c for c in app.checkbox if c.label.startswith("Stain normalisation")).check()
+    next(s for s in app.slider if s.label.startswith("Zoom augmentation")).set_value((0.7, 2.8))
     next(b for b in app.button if b.label == "Start training").click().run()
     assert "Training started" in app.success[0].value
     from leuko.jobs import list_jobs
 
     job = list_jobs()[0]
     assert job.config.folder == str(binary_folder) and job.config.epochs == 1
+    assert job.config.preprocess.stain_normalization == "reinhard" and job.config.zoom_range == (0.7, 2.8)
     job.kill()

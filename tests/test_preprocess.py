@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 
@@ -41,3 +42,24 @@ def test_identity_configuration_returns_the_input_and_unknown_mode_fails():
     assert apply_preprocessing(image, PreprocessConfig()) is image
     with pytest.raises(ValueError, match="unknown equalization"):
         apply_preprocessing(image, PreprocessConfig(equalization="magic"))
+
+
+def test_reinhard_maps_two_stainings_of_one_cell_onto_the_same_colours():
+    cell = synthetic_cell(2, 48).astype(np.float32)
+    yellowish = np.clip(cell * [1.0, 0.95, 0.7] + [10, 5, 0], 0, 255).astype(np.uint8)
+    pinkish = np.clip(cell * [0.95, 0.8, 0.9], 0, 255).astype(np.uint8)
+    config = PreprocessConfig(stain_normalization="reinhard")
+    before = np.abs(yellowish.astype(int) - pinkish.astype(int)).mean()
+    after = np.abs(apply_preprocessing(yellowish, config).astype(int)
+                   - apply_preprocessing(pinkish, config).astype(int)).mean()
+    assert after < before / 3
+    lab = cv2.cvtColor(apply_preprocessing(yellowish, config), cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    assert np.allclose(lab.mean(axis=0), config.stain_target_mean, atol=3)
+
+
+def test_reinhard_keeps_a_blank_image_finite_and_refuses_an_unknown_method():
+    blank = np.full((16, 16, 3), 240, np.uint8)
+    out = apply_preprocessing(blank, PreprocessConfig(stain_normalization="reinhard"))
+    assert out.shape == blank.shape and out.dtype == np.uint8 and (out == out[0, 0]).all()
+    with pytest.raises(ValueError, match="unknown stain_normalization"):
+        apply_preprocessing(blank, PreprocessConfig(stain_normalization="macenko"))

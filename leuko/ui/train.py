@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,7 @@ from leuko.jobs import Job, list_jobs, start_training
 from leuko.modelstore import ModelStore
 from leuko.nets import ARCHITECTURES
 from leuko.paths import REPO_ROOT, default_data_root
+from leuko.preprocess import PreprocessConfig
 from leuko.store.export import export_dataset
 from leuko.tasks import TASKS
 from leuko.ui.auth import case_store
@@ -47,8 +49,9 @@ def _data_settings(task: str, source: str) -> dict | None:
             st.info("Give an existing folder.")
             return None
         return {"folder": folder, "data_root": None}
-    st.caption("Reviewed single-cell crops of this task, labelled with the reviewers' final labels, are "
-               "exported (file names are digests) and split about 80/10/10 by digest.")
+    st.caption("Single-cell crops of this task from signed-off cases, labelled with the reviewers' final labels, "
+               "are exported (file names are digests; crops whose signed labels disagree are left out) and "
+               "split about 80/10/10 by digest.")
     return {"export_reviewed": True}
 
 
@@ -75,6 +78,13 @@ def training_form() -> None:
         freeze = right.number_input("Frozen early stages", 0, 6, preset.freeze_stages)
         scheduler = right.selectbox("Schedule", ["cosine", "plateau"], index=["cosine", "plateau"].index(preset.scheduler))
         model_id = right.text_input("Model id (empty: generated)")
+        preprocess = preset.preprocess or PreprocessConfig()
+        normalise = left.checkbox("Stain normalisation (Reinhard, to PBC's colours)",
+                                  preprocess.stain_normalization == "reinhard",
+                                  help="For cells from other labs' stains; applied in training and prediction.")
+        zoom = right.slider("Zoom augmentation (magnification factor)", 0.5, 3.0, preset.zoom_range or (1.0, 1.0),
+                            step=0.1, help="1.0-1.0 keeps the default 0.7-1.0 area crop; a wider range teaches "
+                                           "the model cells photographed at other magnifications.")
         start = st.form_submit_button("Start training", type="primary", disabled=data is None)
     if not start or data is None:
         return
@@ -82,12 +92,15 @@ def training_form() -> None:
         folder = Path(tempfile.mkdtemp(prefix="leuko-reviewed-"))
         manifest = export_dataset(case_store(), folder, task)
         if len(manifest.read_text().splitlines()) < 12:
-            st.error("Fewer than ten reviewed crops of this task: review more cases before training on them.")
+            st.error("Fewer than ten crops of this task in signed-off cases: review and sign more cases "
+                     "before training on them.")
             return
         data = {"data_root": str(folder), "folder": None}
     settings = {**preset.to_dict(), **data, "task": task, "arch": arch, "epochs": int(epochs),
                 "batch_size": int(batch), "input_size": int(size), "optimizer": optimizer, "lr": float(lr),
-                "freeze_stages": int(freeze), "scheduler": scheduler, "model_id": model_id or None, "resume": False}
+                "freeze_stages": int(freeze), "scheduler": scheduler, "model_id": model_id or None, "resume": False,
+                "preprocess": {**asdict(preprocess), "stain_normalization": "reinhard" if normalise else "none"},
+                "zoom_range": None if zoom == (1.0, 1.0) else zoom}
     job = start_training(TrainConfig.from_dict(settings))
     st.session_state["train_job"] = job.id
     st.success(f"Training started (job {job.id}). It runs in the background; you can leave this page.")
