@@ -80,7 +80,7 @@ class NaiveClassifier:
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
-        self.network = copy.deepcopy(predictor.loaded.network).to(memory_format=torch.contiguous_format)
+        self.network = copy.deepcopy(predictor.network).to(memory_format=torch.contiguous_format)
         config = predictor.card.input_config
         self.size, self.mean, self.std = config.input_size, list(config.mean), list(config.std)
 
@@ -109,8 +109,7 @@ class NaiveSegmenter:
     forward pass under ``no_grad``, the same mask post-processing as leuko."""
 
     def __init__(self, learned: LearnedSegmenter) -> None:
-        loaded = ModelStore().load(learned.card.id).network
-        self.network = loaded.to(learned.device).eval().to(memory_format=torch.contiguous_format)
+        self.network = copy.deepcopy(learned.network).to(memory_format=torch.contiguous_format)
         self.size, self.device = learned.size, learned.device
         self.mean, self.std = learned.mean.tolist(), learned.std.tolist()
 

@@ -16,7 +16,6 @@ import torch
 from leuko.calibration import calibrated_probabilities
 from leuko.clinical import ClinicalValues, encode
 from leuko.data import build_transform
-from leuko.nets.fold import fold_batchnorm
 from leuko.device import pick_device
 from leuko.images import ImageInput, load_image
 from leuko.modelstore import LoadedModel, ModelStore
@@ -87,23 +86,13 @@ class Predictor:
         self.card = loaded.card
         self.task: Task = get_task(loaded.card.task)
         self.device = pick_device(device)
-        self.fusion = get_arch(loaded.card.arch).fusion
-        self.network = self._inference_network(loaded.network)
+        self.network = loaded.network.to(self.device).eval().to(memory_format=torch.channels_last)
         self.transform = build_transform(loaded.card.input_config, train=False)
         self.tta = tta
+        self.fusion = get_arch(loaded.card.arch).fusion
         self.review_confidence = (review_confidence if review_confidence is not None
                                   else loaded.card.review_threshold or REVIEW_CONFIDENCE)
         self.onnx = self._onnx_backend(backend)
-
-    def _inference_network(self, network: torch.nn.Module) -> torch.nn.Module:
-        """The loaded network on the device, channels-last, with batch norms folded into
-        its convolutions (image-only models; checked against the unfolded outputs)."""
-        network = network.to(self.device).eval().to(memory_format=torch.channels_last)
-        if self.fusion:
-            return network
-        size = self.card.input_config.input_size
-        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        return fold_batchnorm(network, example.to(self.device).contiguous(memory_format=torch.channels_last))
 
     def _onnx_backend(self, backend: str) -> OnnxNetwork | None:
         if check_backend(backend, onnx_usable(self.device) and not self.fusion, "an image-only model"):

@@ -189,15 +189,12 @@ class LearnedSegmenter:
         import torch
 
         from leuko.device import pick_device
-        from leuko.nets.fold import fold_batchnorm
 
         self.torch = torch
         self.card = card
         self.device = pick_device(device)
+        self.network = network.to(self.device).eval().to(memory_format=torch.channels_last)
         self.size = int(card.input["input_size"])
-        example = torch.randn(1, 3, self.size, self.size, generator=torch.Generator().manual_seed(0))
-        self.network = fold_batchnorm(network.to(self.device).eval().to(memory_format=torch.channels_last),
-                                      example.to(self.device).contiguous(memory_format=torch.channels_last))
         self.mean = np.array(card.input["mean"], np.float32)
         self.std = np.array(card.input["std"], np.float32)
 
