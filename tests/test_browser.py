@@ -82,6 +82,23 @@ def _download(page, label: str) -> bytes:
     pytest.fail(f"{label}: no download after two clicks")
 
 
+def _choose_first_option(page, label: str) -> None:
+    """Open a selectbox from the keyboard and take its first option; a rerun replacing the
+    widget while it opens closes it again, so this tries up to three times."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for _ in range(3):
+        _idle(page)
+        page.get_by_role("combobox", name=label).focus()
+        page.keyboard.press("ArrowDown")
+        try:
+            page.get_by_role("option").first.click(timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    pytest.fail(f"{label}: the options never opened")
+
+
 def _shot(page, folder: Path, name: str) -> None:
     page.wait_for_function("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     page.wait_for_timeout(500)
@@ -142,6 +159,7 @@ def test_sign_in_analyse_save_and_find_the_case(server, tmp_path):
         page.get_by_role("link", name="Cases").click()
         expect(page.get_by_text("Case CASE-E2E: new")).to_be_visible()
         _shot(page, tmp_path, "cases")
+        _choose_first_option(page, "Final label")
         page.get_by_role("button", name="Confirm or reclassify").click()
         expect(page.get_by_text("Case CASE-E2E: reviewed")).to_be_visible()
         page.get_by_role("button", name="Sign off this case").click()

@@ -62,7 +62,7 @@ def history_table(store: CaseStore, filters: CaseFilter) -> int | None:
     names = {r["id"]: f"{r['reference']} ({r['status']})" for r in rows}
     chosen = st.selectbox("Open case", list(names), format_func=names.get, key="open_case")
     st.download_button("Export the matching cases as CSV", lambda: cases_csv(store, filters), "leuko_cases.csv",
-                       "text/csv")
+                       "text/csv", on_click="ignore")
     return chosen
 
 
@@ -206,7 +206,7 @@ def case_detail(store: CaseStore, case_id: int, user: dict) -> None:
         else:
             st.rerun()
     right.download_button("Download PDF report", lambda: _pdf_bytes(store, case.id), f"{case.reference}.pdf",
-                          "application/pdf")
+                          "application/pdf", on_click="ignore")
     with st.expander("Audit trail"):
         events = store.audit_trail(case.id)
         st.dataframe(pd.DataFrame([{"at": e.at, "who": e.actor, "action": e.action, "entity": e.entity,
