@@ -150,6 +150,7 @@ class ImageAnalysis:
         entry = ImageEntry(data=data, original_name=self.name, width=width, height=height, kind=self.kind)
         if self.kind == "crop" and self.cells:
             entry.prediction = self._prediction_entry(self.cells[0])
+            entry.morphometrics = self.cells[0].morphometrics
         elif self.kind == "field":
             entry.cells = [CellEntry(box=c.box, touches_border=c.touches_border, crop_png=png_bytes(c.crop),
                                      morphometrics=c.morphometrics, prediction=self._prediction_entry(c, crop_png=False))

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
-from leuko.analysis import AnalysisSettings, Analyzer, boxes_overlay, mask_overlay
+from leuko.analysis import AnalysisSettings, Analyzer, boxes_overlay, mask_overlay, png_bytes
 from leuko.bench import sample_field
 from leuko.clinical import ClinicalValueError, ClinicalValues
 from leuko.images import ImageError
 from leuko.store import CaseStore
+from leuko.store.export import case_pdf, measures_line
 from tests.test_segment import stained_cell
 
 
@@ -47,12 +48,16 @@ def test_an_analysis_saves_as_a_case_with_every_cell(analyzer, leuko_home):
     field = analyzer.analyze(sample_field(cells=3), "field.png")
     crop = analyzer.analyze(stained_cell(), "crop.png")
     store = CaseStore(home=leuko_home)
-    case_id = store.save_case("CASE-1", "ana", [field.to_entry(b"field-bytes"), crop.to_entry(b"crop-bytes")])
+    case_id = store.save_case("CASE-1", "ana", [field.to_entry(png_bytes(field.rgb)), crop.to_entry(png_bytes(crop.rgb))])
     saved = store.case(case_id)
     field_record, crop_record = saved.images
     assert field_record.kind == "field" and len(field_record.cells) == 3
     assert len(field_record.predictions) == 3 and all(p.cell_id for p in field_record.predictions)
     assert crop_record.predictions[0].label == crop.cells[0].prediction.label
+    assert crop_record.morphometrics == pytest.approx(crop.cells[0].morphometrics)
+    assert all(c.morphometrics for c in field_record.cells) and field_record.morphometrics is None
+    report = case_pdf(store, case_id, leuko_home / "case.pdf")
+    assert report.read_bytes().startswith(b"%PDF") and "N:C ratio" in measures_line(crop_record.morphometrics)
     assert store.check().ok
     store.close()
 

@@ -98,6 +98,7 @@ def test_a_reviewer_confirms_each_image_and_signs_off(leuko_home, examples, acco
     assert "may not sign off" in analyst.error[0].value
     app = page("2_Cases.py", accounts["rita"])
     assert not app.exception and app.dataframe
+    assert [e.label for e in app.expander].count("Morphometrics") == 2
     for index in range(2):
         final = [s for s in app.selectbox if s.label.startswith("Final label")][index]
         if final.value is None:

@@ -56,6 +56,18 @@ def cases_csv(store: CaseStore, filters: CaseFilter | None = None) -> str:
     return buffer.getvalue()
 
 
+PDF_MEASURES = (("nucleus_area_px", "nucleus area {:.0f} px"), ("nucleus_area_um2", "nucleus area {:.1f} um2"),
+                ("nc_ratio", "N:C ratio {:.2f}"), ("nucleus_circularity", "nucleus circularity {:.2f}"),
+                ("contour_irregularity", "contour irregularity {:.2f}"), ("nuclear_lobes", "lobes {:d}"),
+                ("chromatin_contrast", "chromatin contrast {:.1f}"))
+"""The morphometrics a case report prints, with their formats (the full set is in the app)."""
+
+
+def measures_line(measures: dict) -> str:
+    """The report's one-line summary of a cell's morphometrics (absent measures left out)."""
+    return ", ".join(text.format(measures[key]) for key, text in PDF_MEASURES if measures.get(key) is not None)
+
+
 def _latin(text: str) -> str:
     return text.encode("latin-1", "replace").decode("latin-1")
 
@@ -100,6 +112,9 @@ def case_pdf(store: CaseStore, case_id: int, path: Path, model_summaries: dict[s
         pdf.set_y(top + 47)
         finals = {r.cell_id: r for r in image.reviews}
         numbers = {cell.id: cell.index for cell in image.cells}
+        if image.morphometrics:
+            pdf.multi_cell(0, 5, _latin(f"Morphometrics: {measures_line(image.morphometrics)}."),
+                           new_x="LMARGIN", new_y="NEXT")
         for prediction in image.predictions:
             probabilities = ", ".join(f"{k} {v:.3f}" for k, v in prediction.probabilities.items())
             review = finals.get(prediction.cell_id)

@@ -50,7 +50,8 @@ class Case(Base):
 
 
 class ImageRecord(Base):
-    """An uploaded image, stored content-addressed by its sha256."""
+    """An uploaded image, stored content-addressed by its sha256; a single-cell crop keeps its
+    cell's morphometrics here (a field's are per cell)."""
 
     __tablename__ = "images"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -62,6 +63,7 @@ class ImageRecord(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     kind: Mapped[str] = mapped_column(String(8))
+    morphometrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     case: Mapped[Case] = relationship(back_populates="images")
     cells: Mapped[list["Cell"]] = relationship(back_populates="image", cascade="all, delete-orphan", order_by="Cell.index")
     predictions: Mapped[list["Prediction"]] = relationship(back_populates="image", cascade="all, delete-orphan")

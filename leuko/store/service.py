@@ -69,7 +69,8 @@ class CellEntry:
 
 @dataclass
 class ImageEntry:
-    """An image to log: its original bytes, name, kind (crop or field) and results."""
+    """An image to log: its original bytes, name, kind (crop or field) and results; a crop's
+    ``morphometrics`` (:meth:`leuko.morphometrics.Morphometrics.as_dict`), a field's per cell."""
 
     data: bytes
     original_name: str
@@ -78,6 +79,7 @@ class ImageEntry:
     kind: str = "crop"
     prediction: PredictionEntry | None = None
     cells: list[CellEntry] = field(default_factory=list)
+    morphometrics: dict | None = None
 
 
 @dataclass
@@ -279,7 +281,7 @@ class CaseStore:
             for image, path, digest, crops, predictions in stored:
                 record = ImageRecord(case_id=case.id, sha256=digest, original_name=image.original_name,
                                      stored_path=path, size_bytes=len(image.data), width=image.width,
-                                     height=image.height, kind=image.kind)
+                                     height=image.height, kind=image.kind, morphometrics=image.morphometrics)
                 session.add(record)
                 session.flush()
                 if predictions[0] is not None:

@@ -91,6 +91,12 @@ def review_image(store: CaseStore, image: ImageRecord, user: dict, locked: bool)
         captions += ["Grad-CAM", "Mask"]
     shown = [(p, c) for p, c in zip(pictures, captions) if p]
     st.image([p for p, _ in shown], caption=[c for _, c in shown], width=220 if image.kind == "crop" else 480)
+    measured = ([{"cell": "crop", **image.morphometrics}] if image.morphometrics else
+                [{"cell": f"#{c.index}", "touches_border": c.touches_border, **c.morphometrics}
+                 for c in image.cells if c.morphometrics])
+    if measured:
+        with st.expander("Morphometrics"):
+            st.dataframe(pd.DataFrame(measured), hide_index=True)
     if image.kind == "field" and not image.cells:
         _empty_field_review(store, image, finals.get(None), user, locked)
         return
