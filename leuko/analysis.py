@@ -66,7 +66,8 @@ class CellResult:
 @dataclass
 class ImageAnalysis:
     """The analysis of one image: kind (crop or field), its cells, the whole-image mask,
-    CBC flags, the model used and the time taken (milliseconds)."""
+    CBC flags, the model used, the confidence below which its results were flagged for
+    review, and the time taken (milliseconds)."""
 
     name: str
     rgb: np.ndarray
@@ -79,6 +80,7 @@ class ImageAnalysis:
     cells: list[CellResult]
     flags: list[Flag] = field(default_factory=list)
     latency_ms: float = 0.0
+    review_threshold: float | None = None
 
     @property
     def needs_review(self) -> bool:
@@ -286,4 +288,5 @@ class Analyzer:
         return ImageAnalysis(name=name, rgb=rgb, kind=segmented.kind, task=self.predictor.task, model_id=card.id,
                              weights_sha256=card.weights_sha256, cam_method=method,
                              mask=segmented.mask, cells=cells, flags=cbc_flags,
+                             review_threshold=self.predictor.review_confidence,
                              latency_ms=(time.perf_counter() - started) * 1000)

@@ -98,6 +98,14 @@ def convert(field: str, value: float, unit: str) -> float:
     return value * table[unit]
 
 
+def _lymphocytes_from_percentage(values: ClinicalValues) -> float | None:
+    """The absolute lymphocyte count (x10^9/L) that the WBC and the lymphocyte percentage
+    imply, or ``None`` without both."""
+    if values.wbc is None or values.lymphocytes_pct is None:
+        return None
+    return values.wbc * values.lymphocytes_pct / 100.0
+
+
 def validate(values: ClinicalValues) -> ClinicalValues:
     """Refuse impossible values with a message naming the field and the accepted range.
 
@@ -125,8 +133,8 @@ def validate(values: ClinicalValues) -> ClinicalValues:
             and values.lymphocytes_pct + values.blasts_pct > 100.0:
         raise ClinicalValueError("lymphocytes_pct", f"lymphocytes {values.lymphocytes_pct}% and blasts "
                                                     f"{values.blasts_pct}% sum past 100%")
-    if None not in (values.wbc, values.lymphocytes_pct, values.lymphocytes_abs):
-        expected = values.wbc * values.lymphocytes_pct / 100.0
+    expected = _lymphocytes_from_percentage(values)
+    if expected is not None and values.lymphocytes_abs is not None:
         if abs(expected - values.lymphocytes_abs) > 0.15 * expected + 0.3:
             raise ClinicalValueError("lymphocytes_abs", f"{values.lymphocytes_abs:g} x10^9/L does not match "
                                                         f"{values.lymphocytes_pct:g}% of the WBC ({expected:.2f} x10^9/L)")
@@ -229,8 +237,9 @@ def flags(values: ClinicalValues) -> list[Flag]:
     """Validate, then list every abnormal finding with its value, range and meaning. An
     absolute lymphocyte count left empty is taken as the lymphocyte percentage of the WBC."""
     validate(values)
-    if values.lymphocytes_abs is None and None not in (values.wbc, values.lymphocytes_pct):
-        values = replace(values, lymphocytes_abs=round(values.wbc * values.lymphocytes_pct / 100.0, 2))
+    derived = _lymphocytes_from_percentage(values)
+    if values.lymphocytes_abs is None and derived is not None:
+        values = replace(values, lymphocytes_abs=round(derived, 2))
     found: list[Flag] = []
 
     def check(field: str, low_name: str | None, high_name: str | None) -> None:

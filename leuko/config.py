@@ -26,8 +26,8 @@ class TrainConfig:
     ``cosine`` (cosine decay over each phase's epochs, better suited to short CPU runs).
     ``channels_last`` uses the NHWC memory layout (faster on CUDA and, measured, on the CPU). ``stain_jitter`` is the strength
     of stain-space colour augmentation (0 = off, 0.05-0.1 typical). ``zoom_range`` (low, high)
-replaces the default 0.7-1.0 area crop by a zoom between those factors (below 1 zooms out),
-for cells photographed at other magnifications. ``extra_train`` adds
+    replaces the default 0.7-1.0 area crop by a zoom between those factors (below 1 zooms
+    out), for cells photographed at other magnifications. ``extra_train`` adds
     relabelled training images from another task of the same manifest, each entry
     ``{"task": ..., "split": "train", "label_map": {source class: target class}}``; the
     validation and test splits are never touched by it. ``train_repeat`` shows each image of

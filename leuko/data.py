@@ -75,7 +75,7 @@ class SmearPreprocess:
         self.config = config
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        if not self.config.wiener and self.config.equalization == "none":
+        if not self.config.denoises:
             return image
         return Image.fromarray(denoise_and_equalize(np.asarray(image), self.config))
 

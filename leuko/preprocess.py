@@ -58,8 +58,13 @@ class PreprocessConfig:
         self.stain_target_std = tuple(self.stain_target_std)
 
     @property
+    def denoises(self) -> bool:
+        """Whether a Wiener filter or a lightness equalisation runs."""
+        return self.wiener or self.equalization != "none"
+
+    @property
     def is_identity(self) -> bool:
-        return not self.wiener and self.equalization == "none" and self.stain_normalization == "none"
+        return not self.denoises and self.stain_normalization == "none"
 
 
 def wiener_filter(rgb: np.ndarray, window: int = 5) -> np.ndarray:

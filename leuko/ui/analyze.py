@@ -16,7 +16,6 @@ from leuko.examples import PUBLIC_DATASETS, examples_root, find_examples
 from leuko.explain import CAM_METHODS
 from leuko.images import IMAGE_SUFFIXES, ImageError
 from leuko.modelstore import ModelIntegrityError, ModelNotFoundError, ModelStore
-from leuko.predict import REVIEW_CONFIDENCE
 from leuko.store import StoreError, StoreUnavailableError
 from leuko.tasks import TASKS
 from leuko.ui.auth import case_store, current_user
@@ -179,8 +178,8 @@ def show_analysis(analysis: ImageAnalysis, key: str) -> None:
         info = analysis.task.info(cell.prediction.label)
         st.markdown(f"### {info.display} — {cell.prediction.confidence:.0%} {badge}")
         left, right = st.columns([2, 3])
-        threshold = analysis_threshold(analysis)
-        left.plotly_chart(probability_bars(analysis.task, cell.prediction.as_dict(), threshold), key=f"p_{key}")
+        left.plotly_chart(probability_bars(analysis.task, cell.prediction.as_dict(), analysis.review_threshold),
+                          key=f"p_{key}")
         contours = right.checkbox("Draw the segmentation contour on the Grad-CAM", key=f"contour_{key}")
         images = [analysis.rgb, cell.cam_overlay(opacity, contours), mask_overlay(cell.crop, cell.mask, opacity)]
         right.image(images, caption=["Original", f"{analysis.cam_method} for {info.display}", "Nucleus / cytoplasm"],
@@ -203,15 +202,6 @@ def show_analysis(analysis: ImageAnalysis, key: str) -> None:
     with st.expander("Morphometrics"):
         st.dataframe(pd.DataFrame(analysis.morphometrics_rows()), hide_index=True)
     st.info(analysis.summary())
-
-
-def analysis_threshold(analysis: ImageAnalysis) -> float | None:
-    """The review threshold the analysis was flagged against: the model card's, else the
-    predictor's default; ``None`` when the model is no longer installed."""
-    try:
-        return ModelStore().locate(analysis.model_id)[0].review_threshold or REVIEW_CONFIDENCE
-    except ModelNotFoundError:
-        return None
 
 
 def save_case(reference: str, notes: str) -> None:
