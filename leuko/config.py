@@ -27,7 +27,10 @@ class TrainConfig:
     ``channels_last`` uses the NHWC memory layout (faster on CUDA and, measured, on the CPU). ``stain_jitter`` is the strength
     of stain-space colour augmentation (0 = off, 0.05-0.1 typical). ``zoom_range`` (low, high)
     replaces the default 0.7-1.0 area crop by a zoom between those factors (below 1 zooms
-    out), for cells photographed at other magnifications. ``extra_train`` adds
+    out), for cells photographed at other magnifications. ``background_replacement`` is the
+    share of training crops whose background outside the cell is replaced
+    (:mod:`leuko.cellmasks`; 0 = off), so the network learns from the cell and not from the
+    lab's smear around it. ``extra_train`` adds
     relabelled training images from another task of the same manifest, each entry
     ``{"task": ..., "split": "train", "label_map": {source class: target class}}``; the
     validation and test splits are never touched by it. ``train_repeat`` shows each image of
@@ -51,6 +54,7 @@ class TrainConfig:
     balanced_sampling: bool = False
     stain_jitter: float = 0.0
     zoom_range: tuple[float, float] | None = None
+    background_replacement: float = 0.0
     extra_train: list[dict] | None = None
     train_repeat: int = 1
     clinical_dropout: float = 0.3
@@ -89,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.scheduler not in ("plateau", "cosine"):
             raise ValueError(f"scheduler must be plateau or cosine, not {self.scheduler!r}")
+        if not 0.0 <= self.background_replacement <= 1.0:
+            raise ValueError(f"background_replacement must be within 0-1, not {self.background_replacement}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
 

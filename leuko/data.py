@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -203,15 +203,22 @@ class ImageDataset(Dataset):
     With ``clinical`` each item's input is ``(image, encoded clinical values)``; with
     ``clinical_dropout`` > 0 (training) each value is withheld with that probability and, with
     the same probability, the whole blood count, so a fusion model also learns to work from
-    partial values and from the image alone.
+    partial values and from the image alone. ``background`` (a callable taking the image and
+    its cell mask, such as :class:`leuko.cellmasks.RandomBackground`) runs before the
+    transform, with each item's cell mask read from ``cell_masks`` (one file per sample).
     """
 
     def __init__(self, samples: Sequence[Sample], transform=None, clinical: bool = False,
-                 clinical_dropout: float = 0.0) -> None:
+                 clinical_dropout: float = 0.0, cell_masks: Sequence[Path] | None = None,
+                 background: Callable[[Image.Image, np.ndarray], Image.Image] | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.clinical = clinical
         self.clinical_dropout = clinical_dropout
+        if background is not None and (cell_masks is None or len(cell_masks) != len(self.samples)):
+            raise ValueError("background replacement needs one cell mask file per sample")
+        self.cell_masks = list(cell_masks) if cell_masks is not None else None
+        self.background = background
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -228,6 +235,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         sample = self.samples[index]
         image = load_image(sample.path)
+        if self.background is not None:
+            image = self.background(image, np.asarray(Image.open(self.cell_masks[index]).convert("L")))
         image = self.transform(image) if self.transform else image
         if self.clinical:
             return (image, self._clinical_input(sample.clinical)), sample.label

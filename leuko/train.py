@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
+from leuko.cellmasks import RandomBackground, cell_mask_files
 from leuko.config import TrainConfig
 from leuko.data import (ImageDataset, InputConfig, Sample, balanced_sampler, build_transform,
                         read_folder, read_manifest, read_relabelled)
@@ -229,10 +230,16 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
     train_samples = load_training_samples(config, task)
     val_samples = load_split(config, task, "val")
     fusion = get_arch(config.arch).fusion
+    cell_masks, background = None, None
+    if config.augment and config.background_replacement > 0:
+        cell_masks = cell_mask_files(train_samples, lambda done, total: emit(ProgressEvent(
+            "message", message=f"cell masks for background replacement: {done}/{total} segmented")))
+        background = RandomBackground(config.background_replacement)
     train_set = ImageDataset(train_samples, build_transform(input_config, train=config.augment,
                                                             stain_jitter=config.stain_jitter,
                                                             zoom_range=config.zoom_range),
-                             clinical=fusion, clinical_dropout=config.clinical_dropout)
+                             clinical=fusion, clinical_dropout=config.clinical_dropout,
+                             cell_masks=cell_masks, background=background)
     val_set = ImageDataset(val_samples, build_transform(input_config, train=False), clinical=fusion)
     if world > 1:
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)

@@ -85,6 +85,11 @@ def training_form() -> None:
         zoom = right.slider("Zoom augmentation (magnification factor)", 0.5, 3.0, preset.zoom_range or (1.0, 1.0),
                             step=0.1, help="1.0-1.0 keeps the default 0.7-1.0 area crop; a wider range teaches "
                                            "the model cells photographed at other magnifications.")
+        background = left.slider("Background replacement (share of training crops)", 0.0, 1.0,
+                                 float(preset.background_replacement), step=0.1,
+                                 help="Replaces the smear around the cell in this share of training crops, so "
+                                      "the model learns from the cell, not from the lab's background. Crops "
+                                      "without an annotated mask are segmented once first.")
         start = st.form_submit_button("Start training", type="primary", disabled=data is None)
     if not start or data is None:
         return
@@ -100,7 +105,7 @@ def training_form() -> None:
                 "batch_size": int(batch), "input_size": int(size), "optimizer": optimizer, "lr": float(lr),
                 "freeze_stages": int(freeze), "scheduler": scheduler, "model_id": model_id or None, "resume": False,
                 "preprocess": {**asdict(preprocess), "stain_normalization": "reinhard" if normalise else "none"},
-                "zoom_range": None if zoom == (1.0, 1.0) else zoom}
+                "zoom_range": None if zoom == (1.0, 1.0) else zoom, "background_replacement": float(background)}
     job = start_training(TrainConfig.from_dict(settings))
     st.session_state["train_job"] = job.id
     st.success(f"Training started (job {job.id}). It runs in the background; you can leave this page.")
