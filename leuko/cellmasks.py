@@ -24,6 +24,7 @@ from PIL import Image
 from leuko.data import Sample
 from leuko.images import load_image
 from leuko.paths import leuko_home
+from leuko.segment import SegmentationError
 
 FEATHER_FRACTION = 0.02
 """Dilation and feathering of the cell outline, as a fraction of the crop's shorter side: the
@@ -48,6 +49,7 @@ def cell_mask_files(samples: Sequence[Sample], progress: Callable[[int, int], No
     """One mask file per sample (PNG, non-zero inside the cell): its annotated mask when it
     has one, else the learned segmenter's mask, segmented on first use and then cached.
 
+    A crop too small to segment gets an empty mask, which leaves its background as it is.
     ``progress(done, total)`` is called while masks are being computed; ``segmenter`` (a
     :class:`leuko.segment.LearnedSegmenter`) defaults to the installed default one.
     """
@@ -66,8 +68,12 @@ def cell_mask_files(samples: Sequence[Sample], progress: Callable[[int, int], No
     todo = [(image, mask) for image, mask in files.items() if not mask.is_file()]
     for done, (image, mask) in enumerate(todo, 1):
         rgb = np.asarray(load_image(image))
+        try:
+            outline = segmenter.segment(rgb)
+        except SegmentationError:
+            outline = np.zeros(rgb.shape[:2], np.uint8)
         partial = mask.with_suffix(f".{os.getpid()}.part.png")
-        cv2.imwrite(str(partial), segmenter.segment(rgb))
+        cv2.imwrite(str(partial), outline)
         partial.replace(mask)
         if progress is not None and (done % 200 == 0 or done == len(todo)):
             progress(done, len(todo))

@@ -68,6 +68,10 @@ def test_annotated_masks_are_used_and_others_are_segmented_once_and_cached(tmp_p
     assert files[0].is_relative_to(leuko_home / "cache") and progress == [(1, 1)]
     cached = np.asarray(Image.open(files[0]))
     assert cached.shape == (96, 96) and cached[48, 48] > 0 and cached[2, 2] == 0
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(synthetic_cell(0, size=16)).save(tiny)
+    empty = cell_mask_files([Sample(tiny, 0)], segmenter=segmenter)[0]
+    assert not np.asarray(Image.open(empty)).any()
     again: list[tuple[int, int]] = []
     assert cell_mask_files(samples, lambda done, total: again.append((done, total)), segmenter) == files
     assert again == []
