@@ -192,11 +192,13 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
     """Faithfulness of a CAM method on labelled samples (:class:`leuko.data.Sample`).
 
     (a) mean share of CAM energy inside the cell, the cell taken from the sample's mask file
-    when it has one and otherwise from ``segment`` (crop -> 0/128/255 mask); (b) ROAD
+    when it has one and otherwise from ``segment`` (crop -> 0/128/255 mask), beside the mean
+    share of the image the cell covers (``cell_area_share``: what a map spread evenly over
+    the image would score, so the first figure means something only well above it); (b) ROAD
     deletion and insertion of the CAM against a uniform random map, same images and seed.
     """
     rng = np.random.default_rng(seed)
-    shares, deletion, insertion, random_deletion, random_insertion = [], [], [], [], []
+    shares, areas, deletion, insertion, random_deletion, random_insertion = [], [], [], [], [], []
     with Explainer(predictor) as explainer:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
@@ -211,12 +213,16 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
                     mask = segment(rgb)
                 else:
                     continue
-                shares.append(energy_inside(cam, cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)))
+                cell = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+                shares.append(energy_inside(cam, cell))
+                areas.append(float((cell > 0).mean()))
             d, i = deletion_insertion(explainer, batch, cams, percentiles)
             random_maps = rng.uniform(0, 1, cams.shape).astype(np.float32)
             rd, ri = deletion_insertion(explainer, batch, random_maps, percentiles)
             deletion += d.tolist(); insertion += i.tolist()
             random_deletion += rd.tolist(); random_insertion += ri.tolist()
-    return {"method": method, "images": len(samples), "energy_inside_cell": float(np.nanmean(shares)) if shares and not np.isnan(shares).all() else None,
+    return {"method": method, "images": len(samples),
+            "energy_inside_cell": float(np.nanmean(shares)) if shares and not np.isnan(shares).all() else None,
+            "cell_area_share": float(np.mean(areas)) if areas else None,
             "deletion": float(np.mean(deletion)), "deletion_random": float(np.mean(random_deletion)),
             "insertion": float(np.mean(insertion)), "insertion_random": float(np.mean(random_insertion))}

@@ -100,6 +100,16 @@ def test_faithfulness_report_has_cam_and_random_figures(tmp_path):
     report = faithfulness(predictor, paths, segment=lambda rgb: np.full(rgb.shape[:2], 128, np.uint8),
                           percentiles=(50,))
     assert report["images"] == 4 and report["energy_inside_cell"] == pytest.approx(1.0)
+    assert report["cell_area_share"] == pytest.approx(1.0)
+
+    def left_half(rgb: np.ndarray) -> np.ndarray:
+        mask = np.zeros(rgb.shape[:2], np.uint8)
+        mask[:, : rgb.shape[1] // 2] = 128
+        return mask
+
+    halves = faithfulness(predictor, paths, segment=left_half, percentiles=(50,))
+    assert halves["cell_area_share"] == pytest.approx(0.5)
+    assert 0.0 <= halves["energy_inside_cell"] <= 1.0
     assert {"deletion", "deletion_random", "insertion", "insertion_random"} <= set(report)
 
 
