@@ -1,5 +1,7 @@
 """The analysis core behind the Analyze page, on synthetic crops and fields with the shipped models."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -67,6 +69,25 @@ def test_blank_crop_is_still_classified_but_not_measured(analyzer):
     assert len(result.cells) == 1 and result.cells[0].morphometrics is None
     assert result.cells[0].prediction.needs_review and result.needs_review
     assert "no cell outline" in result.summary() and "marked for review" in result.summary()
+
+
+def test_an_outline_covering_most_of_a_crop_is_called_a_merged_region(analyzer):
+    result = analyzer.analyze(stained_cell(), "cell.png")
+    assert "several cells" not in result.summary()
+    covering = np.full_like(result.cells[0].mask, 128)
+    covering[:20] = 0
+    merged = replace(result, cells=[replace(result.cells[0], mask=covering)])
+    assert "covers 88% of the image" in merged.summary() and "several cells" in merged.summary()
+
+
+def test_a_multi_cell_aria_view_is_called_a_merged_region(shared_data):
+    import csv
+
+    rows = [r for r in csv.DictReader((shared_data / "manifest.csv").open())
+            if r["dataset"] == "aria_ball" and r["split"] == "test"]
+    with Analyzer(AnalysisSettings("ball_subtype")) as ball:
+        result = ball.analyze(shared_data / rows[0]["path"], "aria.jpg")
+    assert result.kind == "crop" and "several cells" in result.summary()
 
 
 def test_field_without_leukocytes_says_so(analyzer):
