@@ -126,12 +126,13 @@ class ImageAnalysis:
             if cell.prediction.needs_review and cell.morphometrics is not None:
                 lines.append("**The model is unsure** (confidence below its review threshold): "
                              "a hematologist must look at this cell before anything is concluded.")
+            outline_share = float((cell.mask > 0).mean())
             if cell.morphometrics is None:
                 lines.append("**Segmentation found no cell outline in this crop**, so no morphometrics are given and "
                              "the result is marked for review; "
                              "check that the crop is centred on one white cell.")
-            elif (cell.mask > 0).mean() > MERGED_OUTLINE_SHARE:
-                lines.append(f"The cell outline covers {(cell.mask > 0).mean():.0%} of the image: this looks like a "
+            elif outline_share > MERGED_OUTLINE_SHARE:
+                lines.append(f"The cell outline covers {outline_share:.0%} of the image: this looks like a "
                              "view of several cells rather than a crop of one, so the outline, the morphometrics "
                              "and the share of attention on the cell describe a merged region.")
             elif np.isnan(cell.cam_inside_cell):

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from leuko.clinical import ClinicalValues, encode, from_row
-from leuko.images import IMAGE_SUFFIXES, load_image
+from leuko.images import IMAGE_SUFFIXES, load_image, load_mask
 from leuko.preprocess import PreprocessConfig, denoise_and_equalize, normalize_stain
 from leuko.tasks import Task
 
@@ -236,7 +236,7 @@ class ImageDataset(Dataset):
         sample = self.samples[index]
         image = load_image(sample.path)
         if self.background is not None:
-            image = self.background(image, np.asarray(Image.open(self.cell_masks[index]).convert("L")))
+            image = self.background(image, load_mask(self.cell_masks[index]))
         image = self.transform(image) if self.transform else image
         if self.clinical:
             return (image, self._clinical_input(sample.clinical)), sample.label

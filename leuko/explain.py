@@ -23,7 +23,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 from leuko.calibration import calibrated_probabilities
-from leuko.images import ImageInput, load_image
+from leuko.images import ImageInput, load_image, load_mask
 from leuko.nets import get_arch, resolve_target_layer
 from leuko.predict import Predictor
 
@@ -208,7 +208,7 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
             size = cams.shape[-1]
             for sample, rgb, cam in zip(chunk, images, cams):
                 if sample.mask is not None and Path(sample.mask).is_file():
-                    mask = np.asarray(Image.open(sample.mask).convert("L"))
+                    mask = load_mask(sample.mask)
                 elif segment is not None:
                     mask = segment(rgb)
                 else:

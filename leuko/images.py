@@ -101,6 +101,13 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return to_rgb(image)
 
 
+def load_mask(path: str | Path) -> np.ndarray:
+    """A single-channel mask PNG (0 background, 128 cytoplasm, 255 nucleus) as an HxW uint8
+    array; colour files are read as their luminance."""
+    with Image.open(path) as mask:
+        return np.asarray(mask.convert("L"))
+
+
 def find_images(paths: list[str | Path]) -> list[Path]:
     """Expand files and folders (searched recursively) into a sorted list of image paths.
 

@@ -22,6 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from leuko.data import RandomStainJitter
+from leuko.images import load_mask
 from leuko.modelstore import ModelCard, ModelStore, hardware_description
 from leuko.nets.registry import TF_LITE_MEAN, TF_LITE_STD
 from leuko.nets.unet import SEGMENTATION_CLASSES, build_unet
@@ -96,7 +97,7 @@ class MaskDataset(Dataset):
         image = Image.open(sample.image).convert("RGB")
         if self.stain:
             image = self.stain(image)
-        mask = mask_to_classes(np.asarray(Image.open(sample.mask).convert("L")))
+        mask = mask_to_classes(load_mask(sample.mask))
         image_t = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
         mask_t = tv_tensors.Mask(torch.from_numpy(mask))
         image_t, mask_t = self.transform(image_t, mask_t)
@@ -133,7 +134,7 @@ def evaluate_masks(segment: Callable[[np.ndarray], np.ndarray], samples: Sequenc
     rows = []
     for sample in samples:
         rgb = np.asarray(Image.open(sample.image).convert("RGB"))
-        truth = classes_to_mask(mask_to_classes(np.asarray(Image.open(sample.mask).convert("L"))))
+        truth = classes_to_mask(mask_to_classes(load_mask(sample.mask)))
         start = time.perf_counter()
         predicted = segment(rgb)
         rows.append({"dataset": sample.dataset, "ms_per_image": 1000 * (time.perf_counter() - start),
