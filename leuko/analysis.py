@@ -39,13 +39,15 @@ public sets average 0.13 (PBC) to 0.23 (ALL-IDB2)."""
 @dataclass(frozen=True)
 class AnalysisSettings:
     """What to load: the task, a model id (``None``: the task's default), the device
-    (``None``/``auto``, ``cpu``, ``cuda``) and the segmenter (``auto``, ``learned``,
-    ``classical``)."""
+    (``None``/``auto``, ``cpu``, ``cuda``), the segmenter (``auto``, ``learned``,
+    ``classical``) and the inference backend (``auto``: ONNX Runtime on the CPU where
+    installed, ``torch``, ``onnx``)."""
 
     task: str
     model_id: str | None = None
     device: str | None = None
     segmenter: str = "auto"
+    backend: str = "auto"
 
 
 @dataclass
@@ -216,8 +218,9 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 class Analyzer:
     """Loads a classifier, its explainer and a segmenter once; analyses images with them.
-    The classifier runs on PyTorch: Grad-CAM needs its gradients, and one pass gives both the
-    probabilities and the map.
+    One pass gives both the probabilities and the Grad-CAM map. With the ``auto`` backend on
+    the CPU the backbone and the U-Net run in ONNX Runtime and only the classification head,
+    whose gradients Grad-CAM needs, in PyTorch (see :mod:`leuko.onnx_backend`).
 
     Raises :class:`leuko.modelstore.ModelNotFoundError` when the task has no model installed
     and :class:`leuko.device.DeviceError` when CUDA is asked for where there is none.
@@ -225,9 +228,10 @@ class Analyzer:
 
     def __init__(self, settings: AnalysisSettings) -> None:
         self.settings = settings
-        self.predictor = Predictor(settings.model_id, task=settings.task, device=settings.device, backend="torch")
+        self.predictor = Predictor(settings.model_id, task=settings.task, device=settings.device,
+                                   backend=settings.backend)
         self.explainer = Explainer(self.predictor)
-        self.segment = make_segmenter(settings.segmenter, device=settings.device)
+        self.segment = make_segmenter(settings.segmenter, device=settings.device, backend=settings.backend)
         self._lock = threading.Lock()
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from leuko.calibration import calibrated_probabilities
 from leuko.clinical import ClinicalValues, encode
@@ -65,6 +66,19 @@ def _dihedral(batch: torch.Tensor) -> list[torch.Tensor]:
     return views
 
 
+class LogitsAndFeatures(nn.Module):
+    """A network whose Grad-CAM target is its backbone, returning its logits and that feature
+    map, so that one ONNX export serves both prediction and the costly half of Grad-CAM."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.network.backbone(x)
+        return self.network.head(features), features
+
+
 class Predictor:
     """Loads a model once and predicts batches of images with calibrated probabilities.
 
@@ -95,9 +109,12 @@ class Predictor:
         self.onnx = self._onnx_backend(backend)
 
     def _onnx_backend(self, backend: str) -> OnnxNetwork | None:
-        if check_backend(backend, onnx_usable(self.device) and not self.fusion, "an image-only model"):
-            return OnnxNetwork(self.network, self.card.input_config.input_size)
-        return None
+        if not check_backend(backend, onnx_usable(self.device) and not self.fusion, "an image-only model"):
+            return None
+        size = self.card.input_config.input_size
+        if get_arch(self.card.arch).target_layer == "backbone":
+            return OnnxNetwork(LogitsAndFeatures(self.network), size, output_names=("logits", "features"))
+        return OnnxNetwork(self.network, size)
     @property
     def classes(self) -> list[str]:
         return list(self.card.classes)

@@ -170,25 +170,29 @@ def keep_central_cell(mask: np.ndarray) -> np.ndarray:
 
 
 class LearnedSegmenter:
-    """The U-Net segmenter: loads once, segments crops of any size at its input resolution."""
+    """The U-Net segmenter: loads once, segments crops of any size at its input resolution.
+    ``backend`` is ``auto`` (ONNX Runtime on the CPU where installed, else PyTorch), ``torch``
+    or ``onnx``; see :mod:`leuko.onnx_backend` for why the pipeline keeps to one runtime."""
 
-    def __init__(self, model_id: str | None = None, store=None, device: str | None = None) -> None:
+    def __init__(self, model_id: str | None = None, store=None, device: str | None = None,
+                 backend: str = "auto") -> None:
         from leuko.modelstore import ModelStore
 
         store = store or ModelStore()
         loaded = store.load(model_id or store.default_id("segmentation"))
-        self._setup(loaded.network, loaded.card, device)
+        self._setup(loaded.network, loaded.card, device, backend)
 
     @classmethod
-    def from_network(cls, network, card, device: str | None = None) -> "LearnedSegmenter":
+    def from_network(cls, network, card, device: str | None = None, backend: str = "auto") -> "LearnedSegmenter":
         segmenter = cls.__new__(cls)
-        segmenter._setup(network, card, device)
+        segmenter._setup(network, card, device, backend)
         return segmenter
 
-    def _setup(self, network, card, device: str | None) -> None:
+    def _setup(self, network, card, device: str | None, backend: str) -> None:
         import torch
 
         from leuko.device import pick_device
+        from leuko.onnx_backend import OnnxNetwork, check_backend, onnx_usable
 
         self.torch = torch
         self.card = card
@@ -197,6 +201,8 @@ class LearnedSegmenter:
         self.size = int(card.input["input_size"])
         self.mean = np.array(card.input["mean"], np.float32)
         self.std = np.array(card.input["std"], np.float32)
+        usable = onnx_usable(self.device)
+        self.onnx = OnnxNetwork(self.network, self.size) if check_backend(backend, usable, "a CPU device") else None
 
     def logits(self, rgb: np.ndarray) -> "torch.Tensor":
         """Class logits (1, 3, H, W) at the image's own resolution."""
@@ -205,7 +211,10 @@ class LearnedSegmenter:
         resized = cv2.resize(rgb, (self.size, self.size), interpolation=cv2.INTER_AREA)
         tensor = torch.from_numpy(((resized.astype(np.float32) / 255.0 - self.mean) / self.std).transpose(2, 0, 1))
         with torch.inference_mode():
-            logits = self.network(tensor[None].to(self.device).contiguous(memory_format=torch.channels_last)).float()
+            if self.onnx is not None:
+                logits = self.onnx(tensor[None])
+            else:
+                logits = self.network(tensor[None].to(self.device).contiguous(memory_format=torch.channels_last)).float()
             return torch.nn.functional.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
 
     def segment(self, rgb: np.ndarray) -> np.ndarray:
@@ -214,7 +223,7 @@ class LearnedSegmenter:
         if min(height, width) < MIN_SIDE:
             raise SegmentationError(f"image of {width}x{height} pixels is too small to segment "
                                     f"(at least {MIN_SIDE}x{MIN_SIDE} needed)")
-        classes = self.logits(rgb)[0].argmax(0).cpu().numpy()
+        classes = self.logits(rgb)[0].cpu().numpy().argmax(0)
         return keep_central_cell(np.array([BACKGROUND, CYTOPLASM, NUCLEUS], np.uint8)[classes])
 
 
@@ -345,18 +354,19 @@ def segment_image(rgb: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], 
     return SegmentedImage("field", field_mask, cells)
 
 
-def make_segmenter(method: str = "auto", model_id: str | None = None,
-                   device: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def make_segmenter(method: str = "auto", model_id: str | None = None, device: str | None = None,
+                   backend: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
     """A crop -> mask function. ``auto`` takes whichever segmenter had the higher mean Dice
     on the validation masks (both are measured when the learned one is trained, and kept in
-    its card), and the classical one when no learned segmenter is installed."""
+    its card), and the classical one when no learned segmenter is installed. ``backend`` is
+    the learned segmenter's (see :class:`LearnedSegmenter`)."""
     from leuko.modelstore import ModelNotFoundError
     from leuko.segtrain import mean_dice
 
     if method == "classical":
         return classical_segment
     try:
-        learned = LearnedSegmenter(model_id, device=device)
+        learned = LearnedSegmenter(model_id, device=device, backend=backend)
     except ModelNotFoundError:
         if method == "learned":
             raise

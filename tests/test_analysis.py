@@ -120,3 +120,16 @@ def test_fusion_model_explains_both_classes_with_a_non_empty_map():
         for class_id in ("ALL", "normal"):
             explanation = fusion.explainer.explain(stained_cell(), class_id)
             assert explanation.class_id == class_id and explanation.cam.max() > 0
+
+
+def test_the_onnx_and_pytorch_backends_give_the_same_analysis():
+    crop = stained_cell(200, 60, 34)
+    with Analyzer(AnalysisSettings("wbc_type", backend="torch")) as plain:
+        expected = plain.analyze(crop).cells[0]
+    with Analyzer(AnalysisSettings("wbc_type", backend="onnx")) as fast:
+        assert fast.predictor.onnx is not None and fast.explainer._head is not None
+        cell = fast.analyze(crop).cells[0]
+    assert np.allclose(cell.prediction.probabilities, expected.prediction.probabilities, atol=1e-4)
+    assert np.abs(cell.cam - expected.cam).max() < 1e-3
+    assert (cell.mask == expected.mask).mean() > 0.999
+    assert cell.morphometrics["nucleus_area_px"] == pytest.approx(expected.morphometrics["nucleus_area_px"], rel=0.01)

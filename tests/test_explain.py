@@ -7,20 +7,21 @@ from PIL import Image
 
 from leuko.cli import main
 from leuko.data import InputConfig
-from leuko.explain import Explainer, energy_inside, faithfulness, overlay, side_by_side
+from leuko.explain import FEATURE_MAP_METHODS, Explainer, energy_inside, faithfulness, overlay, side_by_side
 from leuko.modelstore import ModelCard, ModelStore
 from leuko.nets import ARCHITECTURES, build_model
 from leuko.predict import Predictor
 from tests.conftest import synthetic_cell
 
 
-def _predictor(tmp_path, arch="efficientnet_lite0", size=64) -> Predictor:
+def _predictor(tmp_path, arch="efficientnet_lite0", size=64, backend="auto") -> Predictor:
     torch.manual_seed(0)
     store = ModelStore([tmp_path / "models"])
     card = ModelCard(id=f"m-{arch}", task="all_binary", classes=["ALL", "normal"], arch=arch,
                      input=InputConfig(input_size=size).to_dict(), temperature=1.5)
-    store.save(build_model(arch, 2), card)
-    return Predictor(card.id, store=store)
+    if card.id not in {saved.id for saved in store.cards()}:
+        store.save(build_model(arch, 2), card)
+    return Predictor(card.id, store=store, backend=backend)
 
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "mseenet", "seed003_alexnet", "seed004_squeezenet"])
@@ -49,6 +50,24 @@ def test_every_method_and_the_class_override(tmp_path):
         with pytest.raises(ValueError, match="unknown CAM method"):
             explainer.explain(image, method="magic")
     assert explainer._cams == {}
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "seed004_squeezenet"])
+def test_maps_from_the_onnx_feature_map_equal_those_of_the_pytorch_network(tmp_path, arch):
+    fast = _predictor(tmp_path, arch, 96)
+    plain = _predictor(tmp_path, arch, 96, backend="torch")
+    images = [synthetic_cell(k % 2, 90, seed=k) for k in range(3)]
+    with Explainer(fast) as onnx_explainer, Explainer(plain) as torch_explainer:
+        assert onnx_explainer._head is not None and torch_explainer._head is None
+        for method in sorted(FEATURE_MAP_METHODS):
+            for class_index in (None, 1):
+                onnx_maps, onnx_probs = onnx_explainer.explain_images(images, class_index, method)
+                torch_maps, torch_probs = torch_explainer.explain_images(images, class_index, method)
+                assert np.allclose(onnx_probs, torch_probs, atol=1e-4), method
+                for a, b in zip(onnx_maps, torch_maps):
+                    assert a.shape == (90, 90) and np.abs(a - b).max() < 1e-3, method
+        assert onnx_explainer.cam_object("scorecam").model is fast.network
+    assert not fast.network.backbone._forward_hooks
 
 
 def _rss_mb() -> float:

@@ -9,8 +9,8 @@ from PIL import Image
 from leuko.cli import main
 from leuko.images import ImageError, load_image
 from leuko.morphometrics import chromatin_texture, count_lobes, measure_cell, shape_measures
-from leuko.segment import (FieldConfig, SegmentationError, classical_segment, find_nuclei_groups, keep_central_cell,
-                           segment_image)
+from leuko.segment import (NUCLEUS, FieldConfig, LearnedSegmenter, SegmentationError, classical_segment,
+                           find_nuclei_groups, keep_central_cell, segment_image)
 from leuko.segtrain import dice_iou, mask_to_classes
 
 
@@ -174,3 +174,15 @@ def test_classical_segmenter_finds_no_cell_in_greyscale_or_noise_only_crops():
     assert classical_segment(stained_cell()).any()
     grey_cell = cv2.cvtColor(cv2.cvtColor(stained_cell(), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
     assert not classical_segment(grey_cell).any()
+
+
+def test_learned_segmenter_gives_the_same_masks_in_onnx_runtime_and_pytorch():
+    onnx, plain = LearnedSegmenter(backend="onnx"), LearnedSegmenter(backend="torch")
+    assert onnx.onnx is not None and plain.onnx is None
+    crops = [stained_cell(), stained_cell(257, 70, 40, (120, 140)), cv2.resize(stained_cell(), (100, 80))]
+    for crop in crops:
+        a, b = onnx.segment(crop), plain.segment(crop)
+        assert a.shape == crop.shape[:2] and (a == NUCLEUS).any()
+        assert (a == b).mean() > 0.999
+    with pytest.raises(ValueError, match="backend must be"):
+        LearnedSegmenter(backend="openvino")
