@@ -60,6 +60,24 @@ def timed(function: Callable[[], object], repeats: int = 20, warmup: int = 3) ->
     return statistics.median(samples)
 
 
+def timed_pair(function: Callable[[], object], reference: Callable[[], object], repeats: int = 20,
+               warmup: int = 3) -> tuple[float, float]:
+    """Median wall-clock milliseconds of ``function`` and of ``reference``, called in turn, so
+    that the shared host's drift during the run (other tenants, clock changes) falls on both
+    alike instead of on whichever block of calls it happened to meet."""
+    for _ in range(warmup):
+        function()
+        reference()
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(repeats):
+        for samples, call in ((ours, function), (theirs, reference)):
+            start = time.perf_counter()
+            call()
+            samples.append(1000 * (time.perf_counter() - start))
+    return statistics.median(ours), statistics.median(theirs)
+
+
 def matmul_flops_per_second(device: torch.device, size: int = 1024, repeats: int = 10) -> float:
     """Measured float32 matrix-multiply throughput (FLOP/s): the machine's compute ceiling."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
@@ -173,8 +191,8 @@ def run_benchmarks(device: str | None = None, repeats: int = 20) -> list[BenchRo
     crop_rgb = np.asarray(crop)
     segment = make_segmenter("auto", device=str(target))
     plain_segment = naive_segmenter(segment)
-    rows.append(BenchRow("segment a 257x257 crop (auto segmenter)", "ms", timed(lambda: segment(crop_rgb), repeats),
-                         timed(lambda: plain_segment(crop_rgb), repeats)))
+    rows.append(BenchRow("segment a 257x257 crop (auto segmenter)", "ms",
+                         *timed_pair(lambda: segment(crop_rgb), lambda: plain_segment(crop_rgb), repeats)))
     for task in TASKS:
         try:
             predictor = Predictor(task=task, device=str(target))
@@ -183,26 +201,27 @@ def run_benchmarks(device: str | None = None, repeats: int = 20) -> list[BenchRo
         naive = NaiveClassifier(predictor)
         size = predictor.card.input_config.input_size
         bound = model_flops(predictor.network, size, target) / flops_per_second * 1000
-        rows.append(BenchRow(f"{task}: predict, batch 1", "ms", timed(lambda: predictor.predict([crop]), repeats),
-                             timed(lambda: naive.predict(crop), repeats), bound))
+        rows.append(BenchRow(f"{task}: predict, batch 1", "ms",
+                             *timed_pair(lambda: predictor.predict([crop]), lambda: naive.predict(crop), repeats), bound))
         batch = [crop] * 64
-        batch_ms = timed(lambda: predictor.predict(batch), max(3, repeats // 5), 1)
-        naive_ms = timed(lambda: [naive.predict(crop) for _ in batch], max(3, repeats // 5), 1)
+        batch_ms, naive_ms = timed_pair(lambda: predictor.predict(batch), lambda: [naive.predict(crop) for _ in batch],
+                                        max(3, repeats // 5), 1)
         rows.append(BenchRow(f"{task}: batch throughput", "images/s", 64000 / batch_ms, 64000 / naive_ms,
                              1000 / bound))
         with Explainer(predictor) as explainer:
-            rows.append(BenchRow(f"{task}: predict + Grad-CAM", "ms", timed(lambda: explainer.explain(crop), repeats),
-                                 timed(lambda: (naive.predict(crop), naive.explain(crop)), repeats), 2 * bound))
+            rows.append(BenchRow(f"{task}: predict + Grad-CAM", "ms",
+                                 *timed_pair(lambda: explainer.explain(crop),
+                                             lambda: (naive.predict(crop), naive.explain(crop)), repeats), 2 * bound))
 
         with Analyzer(AnalysisSettings(task, device=str(target))) as analyzer:
             rows.append(BenchRow(f"{task}: full crop analysis", "ms",
-                                 timed(lambda: analyzer.analyze(crop_rgb, kind="crop"), repeats),
-                                 timed(lambda: naive_analysis(naive, plain_segment, crop_rgb), repeats)))
+                                 *timed_pair(lambda: analyzer.analyze(crop_rgb, kind="crop"),
+                                             lambda: naive_analysis(naive, plain_segment, crop_rgb), repeats)))
             field = sample_field()
             rows.append(BenchRow(f"{task}: field 1712x1368, 10 cells", "ms",
-                                 timed(lambda: analyzer.analyze(field, kind="field"), 3, 1),
-                                 timed(lambda: [naive_analysis(naive, plain_segment, cell.crop) for cell in
-                                                segment_image(field, plain_segment, "field").cells], 3, 1)))
+                                 *timed_pair(lambda: analyzer.analyze(field, kind="field"),
+                                             lambda: [naive_analysis(naive, plain_segment, cell.crop) for cell in
+                                                      segment_image(field, plain_segment, "field").cells], 3, 1)))
     return rows
 
 
@@ -215,7 +234,7 @@ def training_throughput(arch: str = "efficientnet_lite0", size: int = 192, batch
     target = pick_device(device)
     images, labels = torch.randn(batch, 3, size, size, device=target), torch.randint(0, 2, (batch,), device=target)
 
-    def step_time(network: torch.nn.Module, channels_last: bool) -> float:
+    def training_step(network: torch.nn.Module, channels_last: bool) -> Callable[[], None]:
         network.train()
         optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad])
         x = images.to(memory_format=torch.channels_last) if channels_last else images
@@ -225,14 +244,14 @@ def training_throughput(arch: str = "efficientnet_lite0", size: int = 192, batch
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        return timed(step, 3, 1)
+        return step
 
     ours = build_model(arch, 2).to(target)
     ours.freeze_early_stages(freeze_stages)
     ours = ours.to(memory_format=torch.channels_last)
     plain = timm.create_model("tf_efficientnet_lite0", num_classes=2).to(target)
-    return BenchRow(f"training {arch} at {size} px", "images/s", batch * 1000 / step_time(ours, True),
-                    batch * 1000 / step_time(plain, False))
+    ours_ms, plain_ms = timed_pair(training_step(ours, True), training_step(plain, False), 3, 1)
+    return BenchRow(f"training {arch} at {size} px", "images/s", batch * 1000 / ours_ms, batch * 1000 / plain_ms)
 
 
 def format_rows(rows: list[BenchRow]) -> str:

@@ -1,6 +1,8 @@
+import time
+
 import torch
 
-from leuko.bench import BenchRow, format_rows, model_flops, timed
+from leuko.bench import BenchRow, format_rows, model_flops, timed, timed_pair
 from leuko.nets import build_model
 
 
@@ -14,6 +16,10 @@ def test_rows_read_as_speed_ups_over_the_reference():
 
 def test_timing_and_flop_counting():
     assert timed(lambda: sum(range(1000)), repeats=3, warmup=1) >= 0.0
+    calls: list[str] = []
+    fast, slow = timed_pair(lambda: calls.append("ours"), lambda: (calls.append("reference"), time.sleep(0.005)),
+                            repeats=4, warmup=1)
+    assert calls == ["ours", "reference"] * 5 and slow >= 5.0 > fast
     flops = model_flops(build_model("efficientnet_lite0", 2).eval(), 224, torch.device("cpu"))
     assert 0.7e9 < flops < 1.0e9
 
