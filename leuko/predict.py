@@ -21,7 +21,7 @@ from leuko.device import pick_device
 from leuko.images import ImageInput, load_image
 from leuko.modelstore import LoadedModel, ModelStore
 from leuko.nets import get_arch
-from leuko.onnx_backend import OnnxNetwork, check_backend, onnx_usable
+from leuko.onnx_backend import OnnxNetwork, onnx_network, onnx_usable
 from leuko.tasks import Task, get_task
 
 REVIEW_CONFIDENCE = 0.80
@@ -109,12 +109,12 @@ class Predictor:
         self.onnx = self._onnx_backend(backend)
 
     def _onnx_backend(self, backend: str) -> OnnxNetwork | None:
-        if not check_backend(backend, onnx_usable(self.device) and not self.fusion, "an image-only model"):
-            return None
+        usable = onnx_usable(self.device) and not self.fusion
         size = self.card.input_config.input_size
         if get_arch(self.card.arch).target_layer == "backbone":
-            return OnnxNetwork(LogitsAndFeatures(self.network), size, output_names=("logits", "features"))
-        return OnnxNetwork(self.network, size)
+            return onnx_network(LogitsAndFeatures(self.network), size, backend, usable, "an image-only model",
+                                output_names=("logits", "features"))
+        return onnx_network(self.network, size, backend, usable, "an image-only model")
     @property
     def classes(self) -> list[str]:
         return list(self.card.classes)

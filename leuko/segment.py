@@ -192,7 +192,7 @@ class LearnedSegmenter:
         import torch
 
         from leuko.device import pick_device
-        from leuko.onnx_backend import OnnxNetwork, check_backend, onnx_usable
+        from leuko.onnx_backend import onnx_network, onnx_usable
 
         self.torch = torch
         self.card = card
@@ -201,8 +201,7 @@ class LearnedSegmenter:
         self.size = int(card.input["input_size"])
         self.mean = np.array(card.input["mean"], np.float32)
         self.std = np.array(card.input["std"], np.float32)
-        usable = onnx_usable(self.device)
-        self.onnx = OnnxNetwork(self.network, self.size) if check_backend(backend, usable, "a CPU device") else None
+        self.onnx = onnx_network(self.network, self.size, backend, onnx_usable(self.device), "a CPU device")
 
     def logits(self, rgb: np.ndarray) -> "torch.Tensor":
         """Class logits (1, 3, H, W) at the image's own resolution."""

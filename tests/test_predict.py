@@ -70,6 +70,19 @@ def test_onnx_runtime_backend_agrees_with_pytorch(store):
         Predictor("wbc", store=store, backend="tensorrt")
 
 
+def test_a_model_whose_onnx_export_is_wrong_stays_on_pytorch(tmp_path, caplog):
+    store = ModelStore([tmp_path])
+    card = ModelCard(id="acrnn", task="all_binary", classes=["ALL", "normal"], arch="oadls_acrnn",
+                     input=InputConfig(input_size=64).to_dict())
+    store.save(build_model("oadls_acrnn", 2), card)
+    with caplog.at_level("WARNING", logger="leuko.onnx_backend"):
+        predictor = Predictor("acrnn", store=store)
+    assert predictor.onnx is None and "differs from it" in caplog.text
+    assert predictor.predict([synthetic_cell(0, 48)])[0].probabilities.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="cannot serve this model"):
+        Predictor("acrnn", store=store, backend="onnx")
+
+
 def test_onnx_backend_is_refused_for_fusion_models(tmp_path):
     store = ModelStore([tmp_path])
     card = ModelCard(id="fused", task="all_binary", classes=["ALL", "normal"], arch="fusion_lite0",
