@@ -98,6 +98,9 @@ class Explainer:
         if self._head is not None:
             self._hooks.append(self._head.features.register_forward_hook(_track_from_here))
         self._cams: dict[str, object] = {}
+        self.grid: tuple[int, int] | None = None
+        """The target layer's spatial size (rows, columns) at the last call: the resolution
+        of every map before it is resized to the image."""
 
     def __enter__(self) -> "Explainer":
         return self
@@ -137,6 +140,7 @@ class Explainer:
         if on_features:
             maps = scale_cam_image(scale_cam_image(maps, (batch.shape[-1], batch.shape[-2])))
         logits = cam.outputs.detach().float().cpu()
+        self.grid = tuple(cam.activations_and_grads.activations[0].shape[-2:])
         cam.activations_and_grads.clear()
         return maps, calibrated_probabilities(logits, self.predictor.card.temperature)
 
@@ -209,6 +213,14 @@ def energy_inside(cam: np.ndarray, cell_mask: np.ndarray) -> float:
     return float(cam[cell_mask > 0].sum() / total) if total > 0 else float("nan")
 
 
+def mask_at_cam_resolution(cell_mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The cell mask as a CAM could draw it: averaged over the target layer's grid (rows,
+    columns), then resized and normalised as pytorch-grad-cam resizes its maps. Its energy
+    inside the cell is what a map following the cell exactly at that resolution scores."""
+    pooled = cv2.resize((cell_mask > 0).astype(np.float32), grid[::-1], interpolation=cv2.INTER_AREA)
+    return scale_cam_image(scale_cam_image(pooled[None], cell_mask.shape[::-1]))[0]
+
+
 def deletion_insertion(explainer: Explainer, batch: torch.Tensor, cams: np.ndarray,
                        percentiles: tuple[int, ...] = (20, 40, 60, 80)) -> tuple[np.ndarray, np.ndarray]:
     """ROAD deletion and insertion scores (Rong et al., ICML 2022, as shipped by
@@ -224,6 +236,12 @@ def deletion_insertion(explainer: Explainer, batch: torch.Tensor, cams: np.ndarr
     return np.asarray(deletion, np.float64).ravel(), np.asarray(insertion, np.float64).ravel()
 
 
+def _nan_mean(values: list[float]) -> float | None:
+    """Mean of the values that are not NaN; ``None`` when none is left."""
+    kept = [v for v in values if not np.isnan(v)]
+    return float(np.mean(kept)) if kept else None
+
+
 def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gradcam", batch_size: int = 16,
                  seed: int = 0, percentiles: tuple[int, ...] = (20, 40, 60, 80)) -> dict:
     """Faithfulness of a CAM method on labelled samples (:class:`leuko.data.Sample`).
@@ -231,11 +249,13 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
     (a) mean share of CAM energy inside the cell, the cell taken from the sample's mask file
     when it has one and otherwise from ``segment`` (crop -> 0/128/255 mask), beside the mean
     share of the image the cell covers (``cell_area_share``: what a map spread evenly over
-    the image would score, so the first figure means something only well above it); (b) ROAD
-    deletion and insertion of the CAM against a uniform random map, same images and seed.
+    the image would score, so the first figure means something only well above it), and the
+    share scored by the cell mask itself at the target layer's resolution
+    (``mask_at_cam_resolution``: see :func:`mask_at_cam_resolution`); (b) ROAD deletion and
+    insertion of the CAM against a uniform random map, same images and seed.
     """
     rng = np.random.default_rng(seed)
-    shares, areas, deletion, insertion, random_deletion, random_insertion = [], [], [], [], [], []
+    shares, areas, ceilings, deletion, insertion, random_deletion, random_insertion = [], [], [], [], [], [], []
     with Explainer(predictor) as explainer:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
@@ -253,13 +273,15 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
                 cell = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
                 shares.append(energy_inside(cam, cell))
                 areas.append(float((cell > 0).mean()))
+                ceilings.append(energy_inside(mask_at_cam_resolution(cell, explainer.grid), cell))
             d, i = deletion_insertion(explainer, batch, cams, percentiles)
             random_maps = rng.uniform(0, 1, cams.shape).astype(np.float32)
             rd, ri = deletion_insertion(explainer, batch, random_maps, percentiles)
             deletion += d.tolist(); insertion += i.tolist()
             random_deletion += rd.tolist(); random_insertion += ri.tolist()
     return {"method": method, "images": len(samples),
-            "energy_inside_cell": float(np.nanmean(shares)) if shares and not np.isnan(shares).all() else None,
+            "energy_inside_cell": _nan_mean(shares),
             "cell_area_share": float(np.mean(areas)) if areas else None,
+            "mask_at_cam_resolution": _nan_mean(ceilings),
             "deletion": float(np.mean(deletion)), "deletion_random": float(np.mean(random_deletion)),
             "insertion": float(np.mean(insertion)), "insertion_random": float(np.mean(random_insertion))}

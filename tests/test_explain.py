@@ -1,5 +1,6 @@
 import gc
 
+import cv2
 import numpy as np
 import torch
 import pytest
@@ -7,7 +8,8 @@ from PIL import Image
 
 from leuko.cli import main
 from leuko.data import InputConfig
-from leuko.explain import FEATURE_MAP_METHODS, Explainer, energy_inside, faithfulness, overlay, side_by_side
+from leuko.explain import (FEATURE_MAP_METHODS, Explainer, energy_inside, faithfulness, mask_at_cam_resolution, overlay,
+                           side_by_side)
 from leuko.modelstore import ModelCard, ModelStore
 from leuko.nets import ARCHITECTURES, build_model
 from leuko.predict import Predictor
@@ -119,7 +121,7 @@ def test_faithfulness_report_has_cam_and_random_figures(tmp_path):
     report = faithfulness(predictor, paths, segment=lambda rgb: np.full(rgb.shape[:2], 128, np.uint8),
                           percentiles=(50,))
     assert report["images"] == 4 and report["energy_inside_cell"] == pytest.approx(1.0)
-    assert report["cell_area_share"] == pytest.approx(1.0)
+    assert report["cell_area_share"] == pytest.approx(1.0) and report["mask_at_cam_resolution"] is None
 
     def left_half(rgb: np.ndarray) -> np.ndarray:
         mask = np.zeros(rgb.shape[:2], np.uint8)
@@ -128,8 +130,17 @@ def test_faithfulness_report_has_cam_and_random_figures(tmp_path):
 
     halves = faithfulness(predictor, paths, segment=left_half, percentiles=(50,))
     assert halves["cell_area_share"] == pytest.approx(0.5)
-    assert 0.0 <= halves["energy_inside_cell"] <= 1.0
+    assert 0.0 <= halves["energy_inside_cell"] <= 1.0 and 0.5 < halves["mask_at_cam_resolution"] < 1.0
     assert {"deletion", "deletion_random", "insertion", "insertion_random"} <= set(report)
+
+
+def test_a_small_cell_seen_at_a_coarse_grid_spills_out_of_its_outline():
+    mask = np.zeros((160, 160), np.uint8)
+    cv2.circle(mask, (80, 80), 30, 128, -1)
+    area = (mask > 0).mean()
+    coarse = energy_inside(mask_at_cam_resolution(mask, (5, 5)), mask)
+    fine = energy_inside(mask_at_cam_resolution(mask, (40, 40)), mask)
+    assert area < coarse < fine < 1.0 and fine > 0.9
 
 
 def test_explain_command_writes_cam_pngs(tmp_path, monkeypatch):
