@@ -3,13 +3,14 @@ and the U-Net segmenter.
 
 Measured on the 2-core CPU for EfficientNet-Lite0 at 192 px: 3.5 ms per image with ONNX
 Runtime against 7.6 ms for PyTorch in channels-last layout, with logits equal to 1e-6; the
-U-Net at 192 px: 16 ms against 26 ms. Networks are exported in memory when a model is loaded
-(a fraction of a second each). Mixing the two runtimes costs time, as PyTorch's OpenMP
-threads keep spinning after a call while ONNX Runtime's start (a Grad-CAM in PyTorch followed
-by a U-Net in ONNX Runtime: 35 ms against 41 ms for both in PyTorch, instead of the 31 ms
-the separate figures add to), so the analysis pipeline runs every heavy part in ONNX Runtime
-and only the classification head, whose gradients Grad-CAM needs, in PyTorch: the same pair
-then took 29 ms against 51 ms in one run.
+U-Net at 192 px: 16 ms against 26 ms. Networks are exported in memory when a model is loaded:
+the analysis pipeline (a classifier and the U-Net) loaded in 2.0-2.3 s against 0.2-0.8 s.
+
+Mixing the two runtimes costs time, as PyTorch's OpenMP threads keep spinning after a call
+while ONNX Runtime's start (a Grad-CAM in PyTorch followed by a U-Net in ONNX Runtime: 35 ms
+against 41 ms for both in PyTorch, instead of the 31 ms the separate figures add to), so the
+analysis pipeline runs every heavy part in ONNX Runtime and only the classification head,
+whose gradients Grad-CAM needs, in PyTorch: the same pair then took 29 ms against 51 ms.
 
 Each export is checked against its network when the model is loaded: seed 002's head, whose
 bidirectional GRU exports without error, gave logits 0.2 away from PyTorch's, so a model
