@@ -41,7 +41,7 @@ class AnalysisSettings:
     """What to load: the task, a model id (``None``: the task's default), the device
     (``None``/``auto``, ``cpu``, ``cuda``), the segmenter (``auto``, ``learned``,
     ``classical``) and the inference backend (``auto``: ONNX Runtime on the CPU where
-    installed, ``torch``, ``onnx``)."""
+    installed and where the model's export reproduces it, ``torch``, ``onnx``)."""
 
     task: str
     model_id: str | None = None
@@ -219,8 +219,11 @@ def png_bytes(array: np.ndarray) -> bytes:
 class Analyzer:
     """Loads a classifier, its explainer and a segmenter once; analyses images with them.
     One pass gives both the probabilities and the Grad-CAM map. With the ``auto`` backend on
-    the CPU the backbone and the U-Net run in ONNX Runtime and only the classification head,
-    whose gradients Grad-CAM needs, in PyTorch (see :mod:`leuko.onnx_backend`).
+    the CPU the U-Net runs in ONNX Runtime, and so does the classifier's backbone when the
+    architecture's Grad-CAM target is the backbone's output (every architecture but
+    ``mseenet`` and ``oadls_acrnn``), the method is not ScoreCAM and the export reproduces
+    the network: then only the head, whose gradients Grad-CAM needs, runs in PyTorch
+    (see :mod:`leuko.onnx_backend`); otherwise the classifier runs in PyTorch.
 
     Raises :class:`leuko.modelstore.ModelNotFoundError` when the task has no model installed
     and :class:`leuko.device.DeviceError` when CUDA is asked for where there is none.

@@ -218,6 +218,8 @@ def mask_at_cam_resolution(cell_mask: np.ndarray, grid: tuple[int, int]) -> np.n
     columns), then resized and normalised as pytorch-grad-cam resizes its maps. Its energy
     inside the cell is what a map following the cell exactly at that resolution scores."""
     pooled = cv2.resize((cell_mask > 0).astype(np.float32), grid[::-1], interpolation=cv2.INTER_AREA)
+    if pooled.max() == pooled.min():
+        return np.full(cell_mask.shape, float(pooled.max() > 0), np.float32)
     return scale_cam_image(scale_cam_image(pooled[None], cell_mask.shape[::-1]))[0]
 
 
@@ -228,6 +230,7 @@ def deletion_insertion(explainer: Explainer, batch: torch.Tensor, cams: np.ndarr
     relevant pixels are removed (deletion: more negative is more faithful) and when the least
     relevant are removed (insertion: closer to zero is more faithful), averaged over percentiles."""
     network = explainer.predictor.network
+    batch = batch.to(explainer.predictor.device)
     with torch.inference_mode():
         predicted = network(batch).argmax(1).tolist()
     targets = [ClassifierOutputSoftmaxTarget(c) for c in predicted]
@@ -255,7 +258,7 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
     insertion of the CAM against a uniform random map, same images and seed.
     """
     rng = np.random.default_rng(seed)
-    shares, areas, ceilings, deletion, insertion, random_deletion, random_insertion = [], [], [], [], [], [], []
+    shares, areas, mask_shares, deletion, insertion, random_deletion, random_insertion = [], [], [], [], [], [], []
     with Explainer(predictor) as explainer:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
@@ -273,7 +276,7 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
                 cell = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
                 shares.append(energy_inside(cam, cell))
                 areas.append(float((cell > 0).mean()))
-                ceilings.append(energy_inside(mask_at_cam_resolution(cell, explainer.grid), cell))
+                mask_shares.append(energy_inside(mask_at_cam_resolution(cell, explainer.grid), cell))
             d, i = deletion_insertion(explainer, batch, cams, percentiles)
             random_maps = rng.uniform(0, 1, cams.shape).astype(np.float32)
             rd, ri = deletion_insertion(explainer, batch, random_maps, percentiles)
@@ -282,6 +285,6 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
     return {"method": method, "images": len(samples),
             "energy_inside_cell": _nan_mean(shares),
             "cell_area_share": float(np.mean(areas)) if areas else None,
-            "mask_at_cam_resolution": _nan_mean(ceilings),
+            "mask_at_cam_resolution": _nan_mean(mask_shares),
             "deletion": float(np.mean(deletion)), "deletion_random": float(np.mean(random_deletion)),
             "insertion": float(np.mean(insertion)), "insertion_random": float(np.mean(random_insertion))}

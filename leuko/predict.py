@@ -110,11 +110,13 @@ class Predictor:
 
     def _onnx_backend(self, backend: str) -> OnnxNetwork | None:
         usable = onnx_usable(self.device) and not self.fusion
+        needs = "onnxruntime, the CPU and an image-only model"
         size = self.card.input_config.input_size
         if get_arch(self.card.arch).target_layer == "backbone":
-            return onnx_network(LogitsAndFeatures(self.network), size, backend, usable, "an image-only model",
-                                output_names=("logits", "features"))
-        return onnx_network(self.network, size, backend, usable, "an image-only model")
+            return onnx_network(LogitsAndFeatures(self.network), size, backend, usable, needs,
+                                output_names=("logits", "features"), reference=self.network)
+        return onnx_network(self.network, size, backend, usable, needs)
+
     @property
     def classes(self) -> list[str]:
         return list(self.card.classes)

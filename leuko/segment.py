@@ -201,7 +201,7 @@ class LearnedSegmenter:
         self.size = int(card.input["input_size"])
         self.mean = np.array(card.input["mean"], np.float32)
         self.std = np.array(card.input["std"], np.float32)
-        self.onnx = onnx_network(self.network, self.size, backend, onnx_usable(self.device), "a CPU device")
+        self.onnx = onnx_network(self.network, self.size, backend, onnx_usable(self.device), "onnxruntime and the CPU")
 
     def logits(self, rgb: np.ndarray) -> "torch.Tensor":
         """Class logits (1, 3, H, W) at the image's own resolution."""
@@ -359,18 +359,19 @@ def make_segmenter(method: str = "auto", model_id: str | None = None, device: st
     on the validation masks (both are measured when the learned one is trained, and kept in
     its card), and the classical one when no learned segmenter is installed. ``backend`` is
     the learned segmenter's (see :class:`LearnedSegmenter`)."""
-    from leuko.modelstore import ModelNotFoundError
+    from leuko.modelstore import ModelNotFoundError, ModelStore
     from leuko.segtrain import mean_dice
 
     if method == "classical":
         return classical_segment
+    store = ModelStore()
     try:
-        learned = LearnedSegmenter(model_id, device=device, backend=backend)
+        card, _ = store.locate(model_id or store.default_id("segmentation"))
     except ModelNotFoundError:
         if method == "learned":
             raise
         return classical_segment
-    metrics = learned.card.metrics
+    metrics = card.metrics
     if method == "auto" and "classical_val" in metrics and mean_dice(metrics["classical_val"]) > mean_dice(metrics["val"]):
         return classical_segment
-    return learned.segment
+    return LearnedSegmenter(card.id, store=store, device=device, backend=backend).segment

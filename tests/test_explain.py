@@ -65,11 +65,11 @@ def test_maps_from_the_onnx_feature_map_equal_those_of_the_pytorch_network(tmp_p
             for class_index in (None, 1):
                 onnx_maps, onnx_probs = onnx_explainer.explain_images(images, class_index, method)
                 torch_maps, torch_probs = torch_explainer.explain_images(images, class_index, method)
-                assert np.allclose(onnx_probs, torch_probs, atol=1e-4), method
+                assert np.allclose(onnx_probs, torch_probs, atol=1e-6), method
                 for a, b in zip(onnx_maps, torch_maps):
-                    assert a.shape == (90, 90) and np.abs(a - b).max() < 1e-3, method
+                    assert a.shape == (90, 90) and np.abs(a - b).max() < 1e-4, method
         assert onnx_explainer.cam_object("scorecam").model is fast.network
-    assert not fast.network.backbone._forward_hooks
+    assert not fast.network.backbone._forward_hooks and not onnx_explainer._head.features._forward_hooks
 
 
 def _rss_mb() -> float:
@@ -121,7 +121,7 @@ def test_faithfulness_report_has_cam_and_random_figures(tmp_path):
     report = faithfulness(predictor, paths, segment=lambda rgb: np.full(rgb.shape[:2], 128, np.uint8),
                           percentiles=(50,))
     assert report["images"] == 4 and report["energy_inside_cell"] == pytest.approx(1.0)
-    assert report["cell_area_share"] == pytest.approx(1.0) and report["mask_at_cam_resolution"] is None
+    assert report["cell_area_share"] == pytest.approx(1.0) and report["mask_at_cam_resolution"] == 1.0
 
     def left_half(rgb: np.ndarray) -> np.ndarray:
         mask = np.zeros(rgb.shape[:2], np.uint8)
