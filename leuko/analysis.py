@@ -237,6 +237,12 @@ class Analyzer:
         self.segment = make_segmenter(settings.segmenter, device=settings.device, backend=settings.backend)
         self._lock = threading.Lock()
 
+    @property
+    def runtime(self) -> str:
+        """Where the classifier's backbone runs, in words: the device and the engine."""
+        engine = "ONNX Runtime" if self.explainer.on_onnx else "PyTorch"
+        return f"{self.predictor.device}, {engine}"
+
     def close(self) -> None:
         self.explainer.close()
 

@@ -116,6 +116,11 @@ class Explainer:
         for hook in self._hooks:
             hook.remove()
 
+    @property
+    def on_onnx(self) -> bool:
+        """Whether Grad-CAM and its siblings start from ONNX Runtime's feature map."""
+        return self._head is not None
+
     def cam_object(self, method: str):
         if method not in CAM_METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")

@@ -125,9 +125,10 @@ def test_fusion_model_explains_both_classes_with_a_non_empty_map():
 def test_the_onnx_and_pytorch_backends_give_the_same_analysis():
     crop = stained_cell(200, 60, 34)
     with Analyzer(AnalysisSettings("wbc_type", backend="torch")) as plain:
+        assert plain.runtime == "cpu, PyTorch"
         expected = plain.analyze(crop).cells[0]
     with Analyzer(AnalysisSettings("wbc_type", backend="onnx")) as fast:
-        assert fast.predictor.onnx is not None and fast.explainer._head is not None
+        assert fast.explainer.on_onnx and fast.runtime == "cpu, ONNX Runtime"
         cell = fast.analyze(crop).cells[0]
     assert np.allclose(cell.prediction.probabilities, expected.prediction.probabilities, atol=1e-5)
     assert np.abs(cell.cam - expected.cam).max() < 1e-4

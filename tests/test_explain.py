@@ -60,7 +60,7 @@ def test_maps_from_the_onnx_feature_map_equal_those_of_the_pytorch_network(tmp_p
     plain = _predictor(tmp_path, arch, 96, backend="torch")
     images = [synthetic_cell(k % 2, 90, seed=k) for k in range(3)]
     with Explainer(fast) as onnx_explainer, Explainer(plain) as torch_explainer:
-        assert onnx_explainer._head is not None and torch_explainer._head is None
+        assert onnx_explainer.on_onnx and not torch_explainer.on_onnx
         for method in sorted(FEATURE_MAP_METHODS):
             for class_index in (None, 1):
                 onnx_maps, onnx_probs = onnx_explainer.explain_images(images, class_index, method)

@@ -159,7 +159,7 @@ def run_analyses(analyzer: Analyzer, options: RunOptions, items: list[tuple[str,
     st.session_state["analysis_clinical"] = clinical
     run = st.session_state.get("analysis_run", (0, ""))[0] + 1
     st.session_state["analysis_run"] = (run, f"Run {run}: {len(results)} image(s) analysed in "
-                                             f"{perf_counter() - started:.2f} s on {analyzer.predictor.device}.")
+                                             f"{perf_counter() - started:.2f} s ({analyzer.runtime}).")
     st.session_state.pop("saved_case", None)
     if options.auto_save and results:
         save_case(f"CASE-{datetime.now():%Y%m%d-%H%M%S}", "")
