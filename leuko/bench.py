@@ -48,16 +48,17 @@ class BenchRow:
         return self.reference / self.value if self.unit == "ms" else self.value / self.reference
 
 
+def _milliseconds(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return 1000 * (time.perf_counter() - start)
+
+
 def timed(function: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
     """Median wall-clock milliseconds of ``function`` over ``repeats`` calls after warm-up."""
     for _ in range(warmup):
         function()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        samples.append(1000 * (time.perf_counter() - start))
-    return statistics.median(samples)
+    return statistics.median(_milliseconds(function) for _ in range(repeats))
 
 
 def timed_pair(function: Callable[[], object], reference: Callable[[], object], repeats: int = 20,
@@ -68,14 +69,8 @@ def timed_pair(function: Callable[[], object], reference: Callable[[], object], 
     for _ in range(warmup):
         function()
         reference()
-    ours: list[float] = []
-    theirs: list[float] = []
-    for _ in range(repeats):
-        for samples, call in ((ours, function), (theirs, reference)):
-            start = time.perf_counter()
-            call()
-            samples.append(1000 * (time.perf_counter() - start))
-    return statistics.median(ours), statistics.median(theirs)
+    pairs = [(_milliseconds(function), _milliseconds(reference)) for _ in range(repeats)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def matmul_flops_per_second(device: torch.device, size: int = 1024, repeats: int = 10) -> float:

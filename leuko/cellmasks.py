@@ -51,21 +51,29 @@ def cell_mask_files(samples: Sequence[Sample], progress: Callable[[int, int], No
 
     A crop too small to segment gets an empty mask, which leaves its background as it is.
     ``progress(done, total)`` is called while masks are being computed; ``segmenter`` (a
-    :class:`leuko.segment.LearnedSegmenter`) defaults to the installed default one.
+    :class:`leuko.segment.LearnedSegmenter`) defaults to the installed default one, loaded
+    only when some mask is not cached yet.
     """
     missing = [s for s in samples if s.mask is None]
     if not missing:
         return [Path(s.mask) for s in samples]
     if segmenter is None:
-        from leuko.segment import LearnedSegmenter
+        from leuko.modelstore import ModelStore
 
-        segmenter = LearnedSegmenter()
-    folder = mask_cache_dir(segmenter.card.id, segmenter.card.weights_sha256)
+        store = ModelStore()
+        card, _ = store.locate(store.default_id("segmentation"))
+    else:
+        card = segmenter.card
+    folder = mask_cache_dir(card.id, card.weights_sha256)
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[Path, Path] = {}
     for sample in missing:
         files.setdefault(Path(sample.path), folder / _cache_name(Path(sample.path)))
     todo = [(image, mask) for image, mask in files.items() if not mask.is_file()]
+    if todo and segmenter is None:
+        from leuko.segment import LearnedSegmenter
+
+        segmenter = LearnedSegmenter(card.id, store=store)
     for done, (image, mask) in enumerate(todo, 1):
         rgb = np.asarray(load_image(image))
         try:

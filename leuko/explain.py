@@ -143,7 +143,7 @@ class Explainer:
         with torch.enable_grad():
             maps = cam(input_tensor=inputs, targets=self._targets(inputs, class_index))
         if on_features:
-            maps = scale_cam_image(scale_cam_image(maps, (batch.shape[-1], batch.shape[-2])))
+            maps = grid_map_to_image(maps, batch.shape[-1], batch.shape[-2])
         logits = cam.outputs.detach().float().cpu()
         self.grid = tuple(cam.activations_and_grads.activations[0].shape[-2:])
         cam.activations_and_grads.clear()
@@ -218,6 +218,12 @@ def energy_inside(cam: np.ndarray, cell_mask: np.ndarray) -> float:
     return float(cam[cell_mask > 0].sum() / total) if total > 0 else float("nan")
 
 
+def grid_map_to_image(maps: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Maps (N, rows, columns) at a target layer's grid, resized to ``width`` x ``height`` and
+    normalised to 0-1 exactly as pytorch-grad-cam finishes the maps it computes on an image."""
+    return scale_cam_image(scale_cam_image(maps, (width, height)))
+
+
 def mask_at_cam_resolution(cell_mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """The cell mask as a CAM could draw it: averaged over the target layer's grid (rows,
     columns), then resized and normalised as pytorch-grad-cam resizes its maps. Its energy
@@ -225,7 +231,7 @@ def mask_at_cam_resolution(cell_mask: np.ndarray, grid: tuple[int, int]) -> np.n
     pooled = cv2.resize((cell_mask > 0).astype(np.float32), grid[::-1], interpolation=cv2.INTER_AREA)
     if pooled.max() == pooled.min():
         return np.full(cell_mask.shape, float(pooled.max() > 0), np.float32)
-    return scale_cam_image(scale_cam_image(pooled[None], cell_mask.shape[::-1]))[0]
+    return grid_map_to_image(pooled[None], cell_mask.shape[1], cell_mask.shape[0])[0]
 
 
 def deletion_insertion(explainer: Explainer, batch: torch.Tensor, cams: np.ndarray,
