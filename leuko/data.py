@@ -81,15 +81,19 @@ class SmearPreprocess:
 
 
 class StainNormalize:
-    """Applies the configured stain normalisation to a PIL image. It runs after the training
-    augmentations, so the network learns from normalised colours whatever the jitter did."""
+    """Applies the configured stain normalisation to a PIL image or a (3, H, W) uint8 tensor.
+    It runs after the training augmentations, so the network learns from normalised colours
+    whatever the jitter did."""
 
     def __init__(self, config: PreprocessConfig) -> None:
         self.config = config
 
-    def __call__(self, image: Image.Image) -> Image.Image:
+    def __call__(self, image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
         if self.config.stain_normalization == "none":
             return image
+        if isinstance(image, torch.Tensor):
+            rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+            return torch.from_numpy(normalize_stain(rgb, self.config)).permute(2, 0, 1)
         return Image.fromarray(normalize_stain(np.asarray(image), self.config))
 
 
@@ -172,6 +176,9 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
     illumination differences. ``stain_jitter`` > 0 adds stain-space jitter of that strength
     and occasional defocus blur, for robustness to other labs' stains and optics. Stain
     normalisation, when the preprocessing sets it, comes last, in training and prediction.
+    Prediction resizes the uint8 tensor rather than the PIL image: 0.2 ms against 0.8 for a
+    257 px crop to 192, at most 2 grey levels apart (mean 0.005) on 100 crops of the five
+    shared datasets at 160 and 192 px.
     """
     size, mode = config.input_size, _interpolation(config.interpolation)
     steps: list = [SmearPreprocess(config.preprocess)]
@@ -190,10 +197,11 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
         if stain_jitter > 0:
             steps += [RandomStainJitter(stain_jitter),
                       v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.25)]
+        steps += [StainNormalize(config.preprocess), v2.PILToTensor()]
     else:
-        steps.append(v2.Resize((size, size), interpolation=mode, antialias=True))
-    steps += [StainNormalize(config.preprocess), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-              v2.Normalize(list(config.mean), list(config.std))]
+        steps += [v2.PILToTensor(), v2.Resize((size, size), interpolation=mode, antialias=True),
+                  StainNormalize(config.preprocess)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(config.mean), list(config.std))]
     return v2.Compose(steps)
 
 

@@ -33,6 +33,17 @@ def test_predictions_are_calibrated_probabilities_and_deterministic(store):
     assert set(first[0].as_dict()) == set(predictor.classes)
 
 
+def test_batches_run_two_at_a_time_keep_their_order_and_results(store):
+    predictor = Predictor("wbc", store=store, device="cpu")
+    images = [synthetic_cell(k % 5, 48, seed=k) for k in range(11)]
+    together = predictor.predict(images, batch_size=3)
+    alone = [predictor.predict_one(image) for image in images]
+    assert [p.label for p in together] == [p.label for p in alone]
+    assert all(np.allclose(a.probabilities, b.probabilities, atol=1e-6) for a, b in zip(together, alone))
+    with pytest.raises(ImageError):
+        predictor.predict(images[:7] + [b"not an image"], batch_size=3)
+
+
 def test_temperature_softens_the_raw_softmax(store):
     predictor = Predictor("wbc", store=store)
     batch = predictor.tensors([synthetic_cell(0, 48)])

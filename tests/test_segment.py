@@ -138,6 +138,18 @@ def test_keep_central_cell_drops_neighbours():
     assert kept[5, 5] == 0 and kept[50, 50] == 255 and kept[50, 65] == 128
 
 
+def test_keep_central_cell_fills_holes_in_the_cell_but_not_the_gap_to_the_border():
+    mask = np.zeros((100, 100), np.uint8)
+    cv2.circle(mask, (50, 50), 30, 128, -1)
+    cv2.circle(mask, (50, 50), 12, 255, -1)
+    cv2.circle(mask, (62, 38), 4, 0, -1)
+    cv2.circle(mask, (50, 70), 3, 0, -1)
+    mask[48:53, 0:60] = 0
+    kept = keep_central_cell(mask)
+    assert kept[38, 62] == 128 and kept[70, 50] == 128 and kept[50, 50] == 0 and kept[50, 25] == 0
+    assert kept[40, 50] == 255 and set(np.unique(kept)) == {0, 128, 255}
+
+
 def test_mask_levels_round_trip():
     assert mask_to_classes(np.array([[0, 120, 130, 250]], np.uint8)).tolist() == [[0, 1, 1, 2]]
 
