@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from leuko.data import (InputConfig, ImageDataset, RandomRotationReflect, RandomZoom, balanced_sampler,
+from leuko.data import (InputConfig, ImageDataset, RandomRotationReflect, RandomZoom, StainNormalize, balanced_sampler,
                         build_transform, read_folder, read_manifest)
 from leuko.preprocess import PreprocessConfig
 from leuko.tasks import get_task
@@ -68,6 +68,22 @@ def test_transforms_give_normalised_tensors_of_the_input_size():
         assert -1.0 <= tensor.min() and tensor.max() <= 1.0
     eval_tf = build_transform(config, False)
     assert torch.equal(eval_tf(image), eval_tf(image))
+
+
+def test_stain_normalisation_gives_the_same_colours_for_a_tensor_as_for_a_pil_image():
+    image = Image.fromarray(synthetic_cell(2, 90))
+    normalise = StainNormalize(PreprocessConfig(stain_normalization="reinhard"))
+    as_tensor = normalise(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    assert torch.equal(as_tensor.permute(1, 2, 0), torch.from_numpy(np.asarray(normalise(image))))
+    assert not np.array_equal(np.asarray(normalise(image)), np.asarray(image))
+
+
+def test_prediction_resizes_within_two_grey_levels_of_pil_resizing():
+    image = Image.fromarray(synthetic_cell(2, 90))
+    config = InputConfig(input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")
+    via_pil = np.asarray(image.resize((64, 64), Image.BICUBIC), np.float32) / 127.5 - 1.0
+    predicted = build_transform(config, train=False)(image).permute(1, 2, 0).numpy()
+    assert np.abs(predicted - via_pil).max() <= 2.5 / 127.5
 
 
 def test_rotation_fills_corners_with_mirrored_background_not_black():
