@@ -36,8 +36,10 @@ overflow the caches)."""
 
 PREDICT_WORKERS = 2
 """Batches in flight at once in :meth:`Predictor.predict`, so that one batch's images are
-decoded and resized while another's forward pass runs (both release the GIL): 64 crops
-with the ONNX Runtime backend ran at 114-122 images/s against 82-87 one batch after the other."""
+decoded and resized while another's forward pass runs (both release the GIL): 64 crops ran
+at 114-140 images/s against 82-100 one batch after the other with ONNX Runtime, and at 83-92
+against 50-65 with PyTorch. Three or four in flight were no faster. The worker threads end
+with each call, so no thread (nor an OpenMP team started from one) lingers between calls."""
 
 
 @dataclass
