@@ -92,8 +92,7 @@ class StainNormalize:
         if self.config.stain_normalization == "none":
             return image
         if isinstance(image, torch.Tensor):
-            rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
-            return torch.from_numpy(normalize_stain(rgb, self.config)).permute(2, 0, 1)
+            return torch.from_numpy(normalize_stain(image.permute(1, 2, 0).numpy(), self.config)).permute(2, 0, 1)
         return Image.fromarray(normalize_stain(np.asarray(image), self.config))
 
 
