@@ -7,6 +7,7 @@ Pairs come from every manifest row with a ``mask`` (``all_idb2`` crops and the
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -35,7 +36,9 @@ MASK_LEVELS = (0, 128, 255)
 
 @dataclass
 class SegTrainConfig:
-    """Settings of a segmentation training run; sizes in pixels, ``lr`` for AdamW."""
+    """Settings of a segmentation training run; sizes in pixels, ``lr`` for AdamW. With
+    ``balance_datasets`` each source set is drawn equally often, so the 70 CellaVision crops
+    weigh as much as the 210 Jiangxi Tecom ones."""
 
     model_id: str = "segmentation-unet_lite0"
     arch: str = "unet_lite0"
@@ -49,6 +52,7 @@ class SegTrainConfig:
     seed: int = 0
     num_workers: int = 2
     pretrained: str = "auto"
+    balance_datasets: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,14 @@ class MaskDataset(Dataset):
         return image_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long()
 
 
+def dataset_balanced_sampler(samples: Sequence[MaskSample], generator: torch.Generator) -> WeightedRandomSampler:
+    """Sampler drawing every source dataset equally often (weights 1/dataset size), with
+    replacement, one epoch being as many draws as there are samples."""
+    sizes = Counter(sample.dataset for sample in samples)
+    weights = [1.0 / sizes[sample.dataset] for sample in samples]
+    return WeightedRandomSampler(weights, num_samples=len(samples), replacement=True, generator=generator)
+
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - mean soft Dice over the foreground classes (cytoplasm, nucleus)."""
     probs = logits.softmax(1)
@@ -156,9 +168,11 @@ def train_segmenter(config: SegTrainConfig, callbacks: Iterable[Callback] = (), 
     root = Path(config.data_root or default_data_root())
     train_set = MaskDataset(mask_samples("train", root), config.input_size, True, config.stain_jitter)
     val_set = MaskDataset(mask_samples("val", root), config.input_size, False)
-    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers,
-                        drop_last=True, persistent_workers=config.num_workers > 0,
-                        generator=torch.Generator().manual_seed(config.seed))
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = dataset_balanced_sampler(train_set.samples, generator) if config.balance_datasets else None
+    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=config.num_workers, drop_last=True, persistent_workers=config.num_workers > 0,
+                        generator=generator)
     val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=0)
     network = build_unet(config.arch, len(SEGMENTATION_CLASSES), config.pretrained).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
