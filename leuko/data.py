@@ -177,7 +177,9 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
     normalisation, when the preprocessing sets it, comes last, in training and prediction.
     Prediction resizes the uint8 tensor rather than the PIL image: 0.2 ms against 0.8 for a
     257 px crop to 192, at most 2 grey levels apart (mean 0.005) on 100 crops of the five
-    shared datasets at 160 and 192 px.
+    shared datasets at 160 and 192 px. The uint8 tensor, a channels-last view until then, is
+    made contiguous before the float conversion and normalisation, which then take 0.15-0.25
+    ms less per 192 px image (same tensors).
     """
     size, mode = config.input_size, _interpolation(config.interpolation)
     steps: list = [SmearPreprocess(config.preprocess)]
@@ -200,7 +202,8 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
     else:
         steps += [v2.PILToTensor(), v2.Resize((size, size), interpolation=mode, antialias=True),
                   StainNormalize(config.preprocess)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(config.mean), list(config.std))]
+    steps += [v2.Lambda(torch.Tensor.contiguous, torch.Tensor), v2.ToDtype(torch.float32, scale=True),
+              v2.Normalize(list(config.mean), list(config.std))]
     return v2.Compose(steps)
 
 

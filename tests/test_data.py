@@ -65,6 +65,7 @@ def test_transforms_give_normalised_tensors_of_the_input_size():
     for train in (False, True):
         tensor = build_transform(config, train)(image)
         assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+        assert tensor.is_contiguous()
         assert -1.0 <= tensor.min() and tensor.max() <= 1.0
     eval_tf = build_transform(config, False)
     assert torch.equal(eval_tf(image), eval_tf(image))
