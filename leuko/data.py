@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import cv2
 import numpy as np
@@ -342,10 +342,11 @@ def class_counts(samples: Sequence[Sample], task: Task) -> dict[str, int]:
     return {c: counts.get(i, 0) for i, c in enumerate(task.class_ids)}
 
 
-def balanced_sampler(labels: Sequence[int], seed: int = 0) -> WeightedRandomSampler:
-    """Sampler drawing each class equally often (weights 1/class count), with replacement."""
-    counts = Counter(labels)
-    weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.double)
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True,
-                                 generator=generator)
+def balanced_sampler(groups: Sequence[Hashable], seed: int | torch.Generator = 0) -> WeightedRandomSampler:
+    """Sampler drawing each group (a class, or a source dataset) equally often (weights 1/group
+    size), with replacement, one epoch being as many draws as there are samples. ``seed`` is a
+    seed, or a generator to share with the data loader."""
+    counts = Counter(groups)
+    weights = torch.tensor([1.0 / counts[group] for group in groups], dtype=torch.double)
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(weights, num_samples=len(groups), replacement=True, generator=generator)

@@ -7,7 +7,6 @@ Pairs come from every manifest row with a ``mask`` (``all_idb2`` crops and the
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -18,11 +17,11 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from leuko.data import RandomStainJitter
+from leuko.data import RandomStainJitter, balanced_sampler
 from leuko.images import load_mask
 from leuko.modelstore import ModelCard, ModelStore, hardware_description
 from leuko.nets.registry import TF_LITE_MEAN, TF_LITE_STD
@@ -108,14 +107,6 @@ class MaskDataset(Dataset):
         return image_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long()
 
 
-def dataset_balanced_sampler(samples: Sequence[MaskSample], generator: torch.Generator) -> WeightedRandomSampler:
-    """Sampler drawing every source dataset equally often (weights 1/dataset size), with
-    replacement, one epoch being as many draws as there are samples."""
-    sizes = Counter(sample.dataset for sample in samples)
-    weights = [1.0 / sizes[sample.dataset] for sample in samples]
-    return WeightedRandomSampler(weights, num_samples=len(samples), replacement=True, generator=generator)
-
-
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - mean soft Dice over the foreground classes (cytoplasm, nucleus)."""
     probs = logits.softmax(1)
@@ -169,7 +160,8 @@ def train_segmenter(config: SegTrainConfig, callbacks: Iterable[Callback] = (), 
     train_set = MaskDataset(mask_samples("train", root), config.input_size, True, config.stain_jitter)
     val_set = MaskDataset(mask_samples("val", root), config.input_size, False)
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = dataset_balanced_sampler(train_set.samples, generator) if config.balance_datasets else None
+    sampler = (balanced_sampler([sample.dataset for sample in train_set.samples], generator)
+               if config.balance_datasets else None)
     loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=config.num_workers, drop_last=True, persistent_workers=config.num_workers > 0,
                         generator=generator)

@@ -129,6 +129,14 @@ def test_balanced_sampler_draws_classes_equally():
     assert 0.35 < np.mean(drawn) < 0.65
 
 
+def test_balanced_sampler_draws_source_datasets_equally_and_repeats_with_its_generator():
+    datasets = ["jtsc"] * 210 + ["cellavision"] * 70 + ["all_idb2"] * 182
+    samplers = [balanced_sampler(datasets, torch.Generator().manual_seed(3)) for _ in range(2)]
+    draws = [[datasets[i] for _ in range(20) for i in sampler] for sampler in samplers]
+    assert draws[0] == draws[1] and len(draws[0]) == 20 * len(datasets)
+    assert all(0.30 < draws[0].count(name) / len(draws[0]) < 0.37 for name in set(datasets))
+
+
 def test_dataset_returns_tensor_and_label(binary_folder):
     samples = read_folder(binary_folder, get_task("all_binary"), "val")
     dataset = ImageDataset(samples, build_transform(InputConfig(input_size=24), False))

@@ -4,7 +4,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from leuko.cli import main
@@ -12,7 +11,7 @@ from leuko.images import ImageError, load_image
 from leuko.morphometrics import chromatin_texture, count_lobes, measure_cell, shape_measures
 from leuko.segment import (NUCLEUS, FieldConfig, LearnedSegmenter, SegmentationError, classical_segment,
                            find_nuclei_groups, keep_central_cell, segment_image)
-from leuko.segtrain import MaskSample, dataset_balanced_sampler, dice_iou, mask_to_classes
+from leuko.segtrain import dice_iou, mask_to_classes
 
 
 def disc_mask(size=200, cell_r=80, nucleus_r=40):
@@ -153,15 +152,6 @@ def test_keep_central_cell_fills_holes_in_the_cell_but_not_the_gap_to_the_border
 
 def test_mask_levels_round_trip():
     assert mask_to_classes(np.array([[0, 120, 130, 250]], np.uint8)).tolist() == [[0, 1, 1, 2]]
-
-
-def test_segmentation_training_draws_each_dataset_equally_often(tmp_path):
-    samples = ([MaskSample(tmp_path / f"a{i}.png", tmp_path / f"a{i}_m.png", "large") for i in range(90)]
-               + [MaskSample(tmp_path / f"b{i}.png", tmp_path / f"b{i}_m.png", "small") for i in range(10)])
-    sampler = dataset_balanced_sampler(samples, torch.Generator().manual_seed(0))
-    drawn = [samples[i].dataset for _ in range(50) for i in sampler]
-    assert len(drawn) == 50 * len(samples)
-    assert 0.45 < drawn.count("small") / len(drawn) < 0.55
 
 
 def test_segment_command_writes_the_mask_contract_and_morphometrics(tmp_path):
