@@ -15,14 +15,13 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from leuko.data import RandomStainJitter, balanced_sampler
-from leuko.images import load_mask
+from leuko.images import load_image, load_mask
 from leuko.modelstore import ModelCard, ModelStore, hardware_description
 from leuko.nets.registry import TF_LITE_MEAN, TF_LITE_STD
 from leuko.nets.unet import SEGMENTATION_CLASSES, build_unet
@@ -97,7 +96,7 @@ class MaskDataset(Dataset):
 
     def __getitem__(self, index: int):
         sample = self.samples[index]
-        image = Image.open(sample.image).convert("RGB")
+        image = load_image(sample.image)
         if self.stain:
             image = self.stain(image)
         mask = mask_to_classes(load_mask(sample.mask))
@@ -136,7 +135,7 @@ def evaluate_masks(segment: Callable[[np.ndarray], np.ndarray], samples: Sequenc
     """Mean Dice/IoU per dataset (and ``ms_per_image``) of a mask function over samples."""
     rows = []
     for sample in samples:
-        rgb = np.asarray(Image.open(sample.image).convert("RGB"))
+        rgb = np.asarray(load_image(sample.image))
         truth = classes_to_mask(mask_to_classes(load_mask(sample.mask)))
         start = time.perf_counter()
         predicted = segment(rgb)
