@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 
@@ -78,16 +79,26 @@ def test_an_outline_covering_most_of_a_crop_is_called_a_merged_region(analyzer):
     covering[:20] = 0
     merged = replace(result, cells=[replace(result.cells[0], mask=covering)])
     assert "covers 88% of the image" in merged.summary() and "several cells" in merged.summary()
+    two_cells = np.zeros_like(covering)
+    height, width = two_cells.shape
+    for centre_x in (width // 4, 3 * width // 4):
+        cv2.circle(two_cells, (centre_x, height // 2), width // 6, 128, -1)
+    cv2.line(two_cells, (width // 4, height // 2), (3 * width // 4, height // 2), 128, 3)
+    joined = replace(result, cells=[replace(result.cells[0], mask=two_cells)])
+    assert (two_cells > 0).mean() < 0.7
+    assert "far from round" in joined.summary() and "several cells" in joined.summary()
 
 
-def test_a_multi_cell_aria_view_is_called_a_merged_region(shared_data):
+def test_multi_cell_aria_views_are_called_merged_regions(shared_data):
     import csv
 
     rows = [r for r in csv.DictReader((shared_data / "manifest.csv").open())
             if r["dataset"] == "aria_ball" and r["split"] == "test"]
+    views = rows[::len(rows) // 6][:6]
     with Analyzer(AnalysisSettings("ball_subtype")) as ball:
-        result = ball.analyze(shared_data / rows[0]["path"], "aria.jpg")
-    assert result.kind == "crop" and "several cells" in result.summary()
+        results = [ball.analyze(shared_data / row["path"], "aria.jpg") for row in views]
+    assert all(result.kind == "crop" for result in results)
+    assert sum("several cells" in result.summary() for result in results) >= 5
 
 
 def test_field_without_leukocytes_says_so(analyzer):
