@@ -142,7 +142,8 @@ class ImageAnalysis:
                              "check that the crop is centred on one white cell.")
             elif outline_share > MERGED_OUTLINE_SHARE or outline_solidity < MERGED_OUTLINE_SOLIDITY:
                 reason = (f"covers {outline_share:.0%} of the image" if outline_share > MERGED_OUTLINE_SHARE else
-                          f"is far from round (solidity {outline_solidity:.2f}; a single cell's is 0.84 or more)")
+                          f"is far from a single cell's convex shape (solidity {outline_solidity:.2f}; "
+                          "single-cell outlines measure 0.84 or more)")
                 lines.append(f"The cell outline {reason}: this looks like a view of several cells rather than "
                              "a crop of one, so the outline, the morphometrics and the share of attention on "
                              "the cell describe a merged region.")

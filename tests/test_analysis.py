@@ -86,7 +86,7 @@ def test_an_outline_covering_most_of_a_crop_is_called_a_merged_region(analyzer):
     cv2.line(two_cells, (width // 4, height // 2), (3 * width // 4, height // 2), 128, 3)
     joined = replace(result, cells=[replace(result.cells[0], mask=two_cells)])
     assert (two_cells > 0).mean() < 0.7
-    assert "far from round" in joined.summary() and "several cells" in joined.summary()
+    assert "far from a single cell's convex shape" in joined.summary() and "several cells" in joined.summary()
 
 
 def test_multi_cell_aria_views_are_called_merged_regions(shared_data):
