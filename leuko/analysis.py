@@ -42,6 +42,21 @@ several cells, and the summary says so. The learned segmenter's single-cell outl
 a median of 0.59 (97% of them below 0.8 or above the area share)."""
 
 
+def merged_outline_reason(mask: np.ndarray) -> str | None:
+    """Why a crop's cell outline most likely joins several cells (too much of the crop, or too
+    far from convex), worded for the summary; ``None`` when it looks like one cell. The
+    solidity is only computed when the area share does not already say so."""
+    outline = mask > 0
+    share = float(outline.mean())
+    if share > MERGED_OUTLINE_SHARE:
+        return f"covers {share:.0%} of the image"
+    solidity = shape_measures(outline)["solidity"]
+    if solidity < MERGED_OUTLINE_SOLIDITY:
+        return (f"is far from a single cell's convex shape (solidity {solidity:.2f}; "
+                "single-cell outlines measure 0.84 or more)")
+    return None
+
+
 @dataclass(frozen=True)
 class AnalysisSettings:
     """What to load: the task, a model id (``None``: the task's default), the device
@@ -134,16 +149,11 @@ class ImageAnalysis:
             if cell.prediction.needs_review and cell.morphometrics is not None:
                 lines.append("**The model is unsure** (confidence below its review threshold): "
                              "a hematologist must look at this cell before anything is concluded.")
-            outline_share = float((cell.mask > 0).mean())
-            outline_solidity = shape_measures(cell.mask > 0)["solidity"]
             if cell.morphometrics is None:
                 lines.append("**Segmentation found no cell outline in this crop**, so no morphometrics are given and "
                              "the result is marked for review; "
                              "check that the crop is centred on one white cell.")
-            elif outline_share > MERGED_OUTLINE_SHARE or outline_solidity < MERGED_OUTLINE_SOLIDITY:
-                reason = (f"covers {outline_share:.0%} of the image" if outline_share > MERGED_OUTLINE_SHARE else
-                          f"is far from a single cell's convex shape (solidity {outline_solidity:.2f}; "
-                          "single-cell outlines measure 0.84 or more)")
+            elif (reason := merged_outline_reason(cell.mask)) is not None:
                 lines.append(f"The cell outline {reason}: this looks like a view of several cells rather than "
                              "a crop of one, so the outline, the morphometrics and the share of attention on "
                              "the cell describe a merged region.")
