@@ -61,8 +61,9 @@ def merged_outline_reason(mask: np.ndarray) -> str | None:
 class AnalysisSettings:
     """What to load: the task, a model id (``None``: the task's default), the device
     (``None``/``auto``, ``cpu``, ``cuda``), the segmenter (``auto``, ``learned``,
-    ``classical``) and the inference backend (``auto``: ONNX Runtime on the CPU where
-    installed and where the model's export reproduces it, ``torch``, ``onnx``)."""
+    ``classical``) and the inference backend (``auto``: OpenVINO, or else ONNX Runtime, on the
+    CPU where installed and where the model's export reproduces it; ``torch``, ``openvino``,
+    ``onnx``)."""
 
     task: str
     model_id: str | None = None
@@ -239,11 +240,12 @@ def png_bytes(array: np.ndarray) -> bytes:
 class Analyzer:
     """Loads a classifier, its explainer and a segmenter once; analyses images with them.
     One pass gives both the probabilities and the Grad-CAM map. With the ``auto`` backend on
-    the CPU the U-Net runs in ONNX Runtime, and so does the classifier's backbone when the
-    architecture's Grad-CAM target is the backbone's output (every architecture but
-    ``mseenet`` and ``oadls_acrnn``), the method is not ScoreCAM and the export reproduces
-    the network: then only the head, whose gradients Grad-CAM needs, runs in PyTorch
-    (see :mod:`leuko.onnx_backend`); otherwise the classifier runs in PyTorch.
+    the CPU the U-Net runs in OpenVINO (ONNX Runtime where OpenVINO is not installed), and so
+    does the classifier's backbone when the architecture's Grad-CAM target is the backbone's
+    output (every architecture but ``mseenet`` and ``oadls_acrnn``), the method is not
+    ScoreCAM and the export reproduces the network: then only the head, whose gradients
+    Grad-CAM needs, runs in PyTorch (see :mod:`leuko.onnx_backend`); otherwise the classifier
+    runs in PyTorch.
 
     Raises :class:`leuko.modelstore.ModelNotFoundError` when the task has no model installed
     and :class:`leuko.device.DeviceError` when CUDA is asked for where there is none.
@@ -260,7 +262,7 @@ class Analyzer:
     @property
     def runtime(self) -> str:
         """Where the classifier's backbone runs, in words: the device and the engine."""
-        engine = "ONNX Runtime" if self.explainer.on_onnx else "PyTorch"
+        engine = self.predictor.onnx.runtime_name if self.explainer.on_onnx else "PyTorch"
         return f"{self.predictor.device}, {engine}"
 
     def close(self) -> None:

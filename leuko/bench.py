@@ -177,20 +177,21 @@ def sample_field(cells: int = 10, width: int = 1712, height: int = 1368, seed: i
     return field
 
 
-def run_benchmarks(device: str | None = None, repeats: int = 20) -> list[BenchRow]:
-    """Every benchmark on one device; rows for tasks without an installed model are skipped."""
+def run_benchmarks(device: str | None = None, repeats: int = 20, backend: str = "auto") -> list[BenchRow]:
+    """Every benchmark on one device and inference ``backend`` (see :mod:`leuko.onnx_backend`);
+    rows for tasks without an installed model are skipped."""
     target = pick_device(device)
     flops_per_second = matmul_flops_per_second(target)
     rows = [BenchRow("matmul throughput", "GFLOP/s", flops_per_second / 1e9)]
     crop = sample_crop()
     crop_rgb = np.asarray(crop)
-    segment = make_segmenter("auto", device=str(target))
+    segment = make_segmenter("auto", device=str(target), backend=backend)
     plain_segment = naive_segmenter(segment)
     rows.append(BenchRow("segment a 257x257 crop (auto segmenter)", "ms",
                          *timed_pair(lambda: segment(crop_rgb), lambda: plain_segment(crop_rgb), repeats)))
     for task in TASKS:
         try:
-            predictor = Predictor(task=task, device=str(target))
+            predictor = Predictor(task=task, device=str(target), backend=backend)
         except ModelNotFoundError:
             continue
         naive = NaiveClassifier(predictor)
@@ -208,7 +209,7 @@ def run_benchmarks(device: str | None = None, repeats: int = 20) -> list[BenchRo
                                  *timed_pair(lambda: explainer.explain(crop),
                                              lambda: (naive.predict(crop), naive.explain(crop)), repeats), 2 * bound))
 
-        with Analyzer(AnalysisSettings(task, device=str(target))) as analyzer:
+        with Analyzer(AnalysisSettings(task, device=str(target), backend=backend)) as analyzer:
             rows.append(BenchRow(f"{task}: full crop analysis", "ms",
                                  *timed_pair(lambda: analyzer.analyze(crop_rgb, kind="crop"),
                                              lambda: naive_analysis(naive, plain_segment, crop_rgb), repeats)))

@@ -260,11 +260,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     from leuko.bench import format_rows, run_benchmarks, store_benchmarks, training_throughput
     from leuko.device import describe_device, pick_device
+    from leuko.onnx_backend import RUNTIME_NAMES, choose_runtime
 
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        print(f"\n{describe_device(pick_device(device))}, torch {torch.__version__}")
-        rows = run_benchmarks(device, args.repeats)
+        runtime = choose_runtime(args.backend, pick_device(device))
+        print(f"\n{describe_device(pick_device(device))}, torch {torch.__version__}, "
+              f"exported networks on {RUNTIME_NAMES.get(runtime, 'none (PyTorch)')}")
+        rows = run_benchmarks(device, args.repeats, args.backend)
         if not args.skip_training:
             rows.append(training_throughput(device=device))
         if device == devices[0]:
@@ -405,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="latency and throughput against a naive reference, same run")
     bench.add_argument("--device", help="cpu or cuda (default: the CPU, and CUDA when present)")
     bench.add_argument("--repeats", type=int, default=20)
+    bench.add_argument("--backend", default="auto",
+                       help="auto (default: OpenVINO, else ONNX Runtime, on the CPU), torch, openvino or onnx")
     bench.add_argument("--skip-training", action="store_true")
     bench.set_defaults(handler=_bench)
 

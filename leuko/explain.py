@@ -66,9 +66,10 @@ def _track_from_here(module: torch.nn.Module, inputs, output: torch.Tensor) -> t
 class FeatureHead(nn.Module):
     """A classifier's head as a model of its own, taking the backbone's feature map.
 
-    When the predictor runs its backbone in ONNX Runtime, Grad-CAM needs PyTorch only from
-    the target layer (the backbone's output, here the ``features`` identity) to the logits:
-    the feature map comes from ONNX Runtime, and gradients flow through the small head alone.
+    When the predictor runs its backbone in an exported runtime (OpenVINO or ONNX Runtime),
+    Grad-CAM needs PyTorch only from the target layer (the backbone's output, here the
+    ``features`` identity) to the logits: the feature map comes from that runtime, and
+    gradients flow through the small head alone.
     """
 
     def __init__(self, head: nn.Module) -> None:
@@ -83,7 +84,7 @@ class FeatureHead(nn.Module):
 class Explainer:
     """CAMs for one loaded model. Reuses one pytorch-grad-cam object per method; the model's
     weights are frozen for its lifetime (a predictor's network is inference-only). Where the
-    predictor's ONNX Runtime session also returns the backbone's feature map, the methods of
+    predictor's exported runtime also returns the backbone's feature map, the methods of
     :data:`FEATURE_MAP_METHODS` start from it (the same maps, to 1e-6, at about half the cost)."""
 
     def __init__(self, predictor: Predictor) -> None:
@@ -118,7 +119,7 @@ class Explainer:
 
     @property
     def on_onnx(self) -> bool:
-        """Whether Grad-CAM and its siblings start from ONNX Runtime's feature map."""
+        """Whether Grad-CAM and its siblings start from the exported runtime's feature map."""
         return self._head is not None
 
     def cam_object(self, method: str):

@@ -22,7 +22,7 @@ from leuko.device import pick_device
 from leuko.images import ImageInput, load_image
 from leuko.modelstore import LoadedModel, ModelStore
 from leuko.nets import get_arch
-from leuko.onnx_backend import OnnxNetwork, onnx_network, onnx_usable
+from leuko.onnx_backend import OnnxNetwork, onnx_network
 from leuko.tasks import Task, get_task
 
 REVIEW_CONFIDENCE = 0.80
@@ -94,8 +94,9 @@ class Predictor:
     ``device`` is ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``. With ``tta`` the
     probabilities are averaged over the 8 rotations and flips of each image. Results below
     ``review_confidence`` (default: the card's threshold) are marked needs-review.
-    ``backend`` is ``torch``, ``onnx`` (ONNX Runtime, CPU, image-only models) or ``auto``
-    (ONNX Runtime where it applies and is installed, else PyTorch).
+    ``backend`` is ``torch``, ``openvino``, ``onnx`` (ONNX Runtime; both on the CPU, for
+    image-only models) or ``auto`` (the first installed of the two where they apply, else
+    PyTorch; see :mod:`leuko.onnx_backend`).
     """
 
     def __init__(self, model: str | LoadedModel | None = None, task: str | None = None,
@@ -117,13 +118,13 @@ class Predictor:
         self.onnx = self._onnx_backend(backend)
 
     def _onnx_backend(self, backend: str) -> OnnxNetwork | None:
-        usable = onnx_usable(self.device) and not self.fusion
-        needs = "onnxruntime, the CPU and an image-only model"
+        unsupported = "a fusion model takes blood counts besides the image; only image-only models are exported" \
+            if self.fusion else None
         size = self.card.input_config.input_size
         if get_arch(self.card.arch).target_layer == "backbone":
-            return onnx_network(LogitsAndFeatures(self.network), size, backend, usable, needs,
+            return onnx_network(LogitsAndFeatures(self.network), size, backend, self.device, unsupported,
                                 output_names=("logits", "features"), reference=self.network)
-        return onnx_network(self.network, size, backend, usable, needs)
+        return onnx_network(self.network, size, backend, self.device, unsupported)
 
     @property
     def classes(self) -> list[str]:

@@ -174,8 +174,9 @@ def keep_central_cell(mask: np.ndarray) -> np.ndarray:
 
 class LearnedSegmenter:
     """The U-Net segmenter: loads once, segments crops of any size at its input resolution.
-    ``backend`` is ``auto`` (ONNX Runtime on the CPU where installed, else PyTorch), ``torch``
-    or ``onnx``; see :mod:`leuko.onnx_backend` for why the pipeline keeps to one runtime."""
+    ``backend`` is ``auto`` (OpenVINO or ONNX Runtime on the CPU where installed, else
+    PyTorch), ``torch``, ``openvino`` or ``onnx``; see :mod:`leuko.onnx_backend` for why the
+    pipeline keeps to one runtime."""
 
     def __init__(self, model_id: str | None = None, store=None, device: str | None = None,
                  backend: str = "auto") -> None:
@@ -195,7 +196,7 @@ class LearnedSegmenter:
         import torch
 
         from leuko.device import pick_device
-        from leuko.onnx_backend import onnx_network, onnx_usable
+        from leuko.onnx_backend import onnx_network
 
         self.torch = torch
         self.card = card
@@ -204,7 +205,7 @@ class LearnedSegmenter:
         self.size = int(card.input["input_size"])
         self.mean = np.array(card.input["mean"], np.float32)
         self.std = np.array(card.input["std"], np.float32)
-        self.onnx = onnx_network(self.network, self.size, backend, onnx_usable(self.device), "onnxruntime and the CPU")
+        self.onnx = onnx_network(self.network, self.size, backend, self.device)
 
     def logits(self, rgb: np.ndarray) -> "torch.Tensor":
         """Class logits (1, 3, H, W) at the image's own resolution."""

@@ -133,13 +133,14 @@ def test_fusion_model_explains_both_classes_with_a_non_empty_map():
             assert explanation.class_id == class_id and explanation.cam.max() > 0
 
 
-def test_the_onnx_and_pytorch_backends_give_the_same_analysis():
+@pytest.mark.parametrize(("backend", "runtime"), [("openvino", "OpenVINO"), ("onnx", "ONNX Runtime")])
+def test_the_exported_and_pytorch_backends_give_the_same_analysis(backend, runtime):
     crop = stained_cell(200, 60, 34)
     with Analyzer(AnalysisSettings("wbc_type", backend="torch")) as plain:
         assert plain.runtime == "cpu, PyTorch"
         expected = plain.analyze(crop).cells[0]
-    with Analyzer(AnalysisSettings("wbc_type", backend="onnx")) as fast:
-        assert fast.explainer.on_onnx and fast.runtime == "cpu, ONNX Runtime"
+    with Analyzer(AnalysisSettings("wbc_type", backend=backend)) as fast:
+        assert fast.explainer.on_onnx and fast.runtime == f"cpu, {runtime}"
         cell = fast.analyze(crop).cells[0]
     assert np.allclose(cell.prediction.probabilities, expected.prediction.probabilities, atol=1e-5)
     assert np.abs(cell.cam - expected.cam).max() < 1e-4

@@ -72,15 +72,26 @@ def test_task_mismatch_bad_image_and_missing_gpu_are_clear(store, monkeypatch):
         pick_device("tpu")
 
 
-def test_onnx_runtime_backend_agrees_with_pytorch(store):
-    images = [synthetic_cell(k, 48, seed=k) for k in range(10)]
-    onnx = Predictor("wbc", store=store, backend="onnx")
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_exported_runtimes_agree_with_pytorch(store, backend):
+    images = [synthetic_cell(k % 5, 48, seed=k) for k in range(20)]
+    exported = Predictor("wbc", store=store, backend=backend)
     torch_only = Predictor("wbc", store=store, backend="torch")
-    assert onnx.onnx is not None and torch_only.onnx is None
-    for a, b in zip(onnx.predict(images), torch_only.predict(images)):
+    assert exported.onnx.runtime == backend and torch_only.onnx is None
+    for a, b in zip(exported.predict(images, batch_size=4), torch_only.predict(images)):
         assert np.allclose(a.probabilities, b.probabilities, atol=1e-5)
     with pytest.raises(ValueError, match="backend must be"):
         Predictor("wbc", store=store, backend="tensorrt")
+
+
+def test_auto_backend_prefers_openvino_then_onnx_runtime_then_pytorch(store, monkeypatch):
+    assert Predictor("wbc", store=store).onnx.runtime_name == "OpenVINO"
+    monkeypatch.setattr("leuko.onnx_backend.runtime_installed", lambda runtime: runtime == "onnx")
+    assert Predictor("wbc", store=store).onnx.runtime_name == "ONNX Runtime"
+    with pytest.raises(ValueError, match="needs the openvino package"):
+        Predictor("wbc", store=store, backend="openvino")
+    monkeypatch.setattr("leuko.onnx_backend.runtime_installed", lambda runtime: False)
+    assert Predictor("wbc", store=store).onnx is None
 
 
 class BatchBakedIn(torch.nn.Module):
@@ -90,13 +101,14 @@ class BatchBakedIn(torch.nn.Module):
         return x.mean(dim=(1, 2, 3))[:, None] * float(x.shape[0])
 
 
-def test_an_onnx_export_that_does_not_reproduce_its_network_is_caught():
+@pytest.mark.parametrize("runtime", ["openvino", "onnx"])
+def test_an_export_that_does_not_reproduce_its_network_is_caught(runtime):
     with pytest.raises(OnnxExportError, match="differs from it"):
-        OnnxNetwork(BatchBakedIn(), 8)
+        OnnxNetwork(BatchBakedIn(), 8, runtime)
     with pytest.raises(OnnxExportError, match="could not be exported"):
-        OnnxNetwork(torch.nn.Conv2d(3, 4, 3), 8, output_names=("logits", "features"))
+        OnnxNetwork(torch.nn.Conv2d(3, 4, 3), 8, runtime, output_names=("logits", "features"))
     with pytest.raises(OnnxExportError, match="2 output"):
-        OnnxNetwork(LogitsAndFeatures(build_model("seed004_squeezenet", 2)), 32)
+        OnnxNetwork(LogitsAndFeatures(build_model("seed004_squeezenet", 2)), 32, runtime)
 
 
 def test_a_model_whose_onnx_export_is_wrong_stays_on_pytorch(store, monkeypatch, caplog):
@@ -108,8 +120,9 @@ def test_a_model_whose_onnx_export_is_wrong_stays_on_pytorch(store, monkeypatch,
         predictor = Predictor("wbc", store=store)
     assert predictor.onnx is None and "running on PyTorch" in caplog.text
     assert predictor.predict([synthetic_cell(0, 48)])[0].probabilities.sum() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="cannot serve this model"):
-        Predictor("wbc", store=store, backend="onnx")
+    for backend in ("openvino", "onnx"):
+        with pytest.raises(ValueError, match="cannot serve this model"):
+            Predictor("wbc", store=store, backend=backend)
 
 
 def test_onnx_backend_is_refused_for_fusion_models(tmp_path):
@@ -118,5 +131,6 @@ def test_onnx_backend_is_refused_for_fusion_models(tmp_path):
                      input=InputConfig(input_size=64).to_dict())
     store.save(build_model("fusion_lite0", 2), card)
     assert Predictor("fused", store=store).onnx is None
-    with pytest.raises(ValueError, match="image-only"):
-        Predictor("fused", store=store, backend="onnx")
+    for backend in ("openvino", "onnx"):
+        with pytest.raises(ValueError, match="image-only"):
+            Predictor("fused", store=store, backend=backend)

@@ -188,13 +188,14 @@ def test_classical_segmenter_finds_no_cell_in_greyscale_or_noise_only_crops():
     assert not classical_segment(grey_cell).any()
 
 
-def test_learned_segmenter_gives_the_same_masks_in_onnx_runtime_and_pytorch():
-    onnx, plain = LearnedSegmenter(backend="onnx"), LearnedSegmenter(backend="torch")
-    assert onnx.onnx is not None and plain.onnx is None
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_learned_segmenter_gives_the_same_masks_in_an_exported_runtime_and_pytorch(backend):
+    onnx, plain = LearnedSegmenter(backend=backend), LearnedSegmenter(backend="torch")
+    assert onnx.onnx.runtime == backend and plain.onnx is None
     crops = [stained_cell(), stained_cell(257, 70, 40, (120, 140)), cv2.resize(stained_cell(), (100, 80))]
     for crop in crops:
         a, b = onnx.segment(crop), plain.segment(crop)
         assert a.shape == crop.shape[:2] and (a == NUCLEUS).any()
         assert (a == b).mean() > 0.999
     with pytest.raises(ValueError, match="backend must be"):
-        LearnedSegmenter(backend="openvino")
+        LearnedSegmenter(backend="tensorrt")
