@@ -27,7 +27,9 @@ class TrainConfig:
     ``channels_last`` uses the NHWC memory layout (faster on CUDA and, measured, on the CPU). ``stain_jitter`` is the strength
     of stain-space colour augmentation (0 = off, 0.05-0.1 typical). ``zoom_range`` (low, high)
     replaces the default 0.7-1.0 area crop by a zoom between those factors (below 1 zooms
-    out), for cells photographed at other magnifications. ``background_replacement`` is the
+    out), for cells photographed at other magnifications. ``colour_invariance`` adds hue and
+    saturation jitter and grey crops (:func:`leuko.data.build_transform`), for other labs'
+    stains. ``background_replacement`` is the
     share of training crops whose background outside the cell is replaced
     (:mod:`leuko.cellmasks`; 0 = off), so the network learns from the cell and not from the
     lab's smear around it. ``extra_train`` adds
@@ -54,6 +56,7 @@ class TrainConfig:
     balanced_sampling: bool = False
     stain_jitter: float = 0.0
     zoom_range: tuple[float, float] | None = None
+    colour_invariance: bool = False
     background_replacement: float = 0.0
     extra_train: list[dict] | None = None
     train_repeat: int = 1

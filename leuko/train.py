@@ -237,7 +237,8 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
         background = RandomBackground(config.background_replacement)
     train_set = ImageDataset(train_samples, build_transform(input_config, train=config.augment,
                                                             stain_jitter=config.stain_jitter,
-                                                            zoom_range=config.zoom_range),
+                                                            zoom_range=config.zoom_range,
+                                                            colour_invariance=config.colour_invariance),
                              clinical=fusion, clinical_dropout=config.clinical_dropout,
                              cell_masks=cell_masks, background=background)
     val_set = ImageDataset(val_samples, build_transform(input_config, train=False), clinical=fusion)

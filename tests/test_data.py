@@ -175,3 +175,17 @@ def test_aria_cells_relabel_into_the_binary_task(shared_data):
     with pytest.raises(ValueError, match="not classes"):
         read_relabelled(shared_data / "manifest.csv", get_task("all_binary"), get_task("ball_subtype"), "train",
                         {"Benign": "healthy"})
+
+
+def test_colour_invariance_turns_some_training_crops_grey_and_jitters_hue():
+    config = InputConfig(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    image = Image.fromarray(synthetic_cell(0, 48))
+    torch.manual_seed(0)
+
+    def grey_share(colour_invariance: bool) -> float:
+        transform = build_transform(config, True, colour_invariance=colour_invariance)
+        tensors = [transform(image) for _ in range(60)]
+        return np.mean([float((t - t.mean(0)).abs().max()) < 1e-6 for t in tensors])
+
+    assert grey_share(False) == 0.0
+    assert 0.05 < grey_share(True) < 0.45

@@ -159,6 +159,7 @@ def test_train_page_starts_a_background_job(leuko_home, accounts, binary_folder)
     number["Epochs"].set_value(1)
     number["Input size (pixels)"].set_value(32)
     next(c for c in app.checkbox if c.label.startswith("Stain normalisation")).check()
+    next(c for c in app.checkbox if c.label.startswith("Hue and grey-scale")).check()
     next(s for s in app.slider if s.label.startswith("Zoom augmentation")).set_value((0.7, 2.8))
     next(s for s in app.slider if s.label.startswith("Background replacement")).set_value(0.5)
     next(b for b in app.button if b.label == "Start training").click().run()
@@ -168,5 +169,5 @@ def test_train_page_starts_a_background_job(leuko_home, accounts, binary_folder)
     job = list_jobs()[0]
     assert job.config.folder == str(binary_folder) and job.config.epochs == 1
     assert job.config.preprocess.stain_normalization == "reinhard" and job.config.zoom_range == (0.7, 2.8)
-    assert job.config.background_replacement == 0.5
+    assert job.config.background_replacement == 0.5 and job.config.colour_invariance
     job.kill()

@@ -82,6 +82,9 @@ def training_form() -> None:
         normalise = left.checkbox("Stain normalisation (Reinhard, to PBC's colours)",
                                   preprocess.stain_normalization == "reinhard",
                                   help="For cells from other labs' stains; applied in training and prediction.")
+        colour = left.checkbox("Hue and grey-scale augmentation", preset.colour_invariance,
+                               help="For cells from other labs' stains: jitters hue and saturation and turns a "
+                                    "fifth of the training crops grey, so the model leans on shape and texture.")
         zoom = right.slider("Zoom augmentation (magnification factor)", 0.5, 3.0, preset.zoom_range or (1.0, 1.0),
                             step=0.1, help="1.0-1.0 keeps the default 0.7-1.0 area crop; a wider range teaches "
                                            "the model cells photographed at other magnifications.")
@@ -105,7 +108,8 @@ def training_form() -> None:
                 "batch_size": int(batch), "input_size": int(size), "optimizer": optimizer, "lr": float(lr),
                 "freeze_stages": int(freeze), "scheduler": scheduler, "model_id": model_id or None, "resume": False,
                 "preprocess": {**asdict(preprocess), "stain_normalization": "reinhard" if normalise else "none"},
-                "zoom_range": None if zoom == (1.0, 1.0) else zoom, "background_replacement": float(background)}
+                "zoom_range": None if zoom == (1.0, 1.0) else zoom, "colour_invariance": bool(colour),
+                "background_replacement": float(background)}
     job = start_training(TrainConfig.from_dict(settings))
     st.session_state["train_job"] = job.id
     st.success(f"Training started (job {job.id}). It runs in the background; you can leave this page.")
