@@ -79,3 +79,13 @@ def test_invalid_ids_and_unreadable_cards(tmp_path):
     assert store.cards() == []
     with pytest.raises(ModelIntegrityError, match="unreadable"):
         store.load("broken")
+
+
+def test_each_task_has_exactly_one_shipped_model_marked_default():
+    from leuko.paths import SHIPPED_MODELS
+
+    store = ModelStore([SHIPPED_MODELS])
+    for task in ("all_binary", "ball_subtype", "wbc_type", "segmentation"):
+        marked = [card.id for card in store.cards(task) if card.default]
+        assert len(marked) == 1 and store.default_id(task) == marked[0]
+    assert store.default_id("wbc_type") == "wbc_type-lite0"
