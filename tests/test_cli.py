@@ -87,6 +87,8 @@ def test_errors_are_one_clear_line_with_exit_code_2(trained, monkeypatch, capsys
         assert main(["models", "--check"]) == 1
     finally:
         weights.write_bytes(original)
+    assert main(["bench", "--backend", "tensorrt", "--skip-training"]) == 2
+    assert "backend must be one of auto, torch, openvino, onnx" in capsys.readouterr().err
 
 
 def test_torchrun_trains_with_distributed_data_parallel_on_the_cpu(binary_folder, tmp_path):
