@@ -13,7 +13,7 @@ def test_home_page_renders_disclaimer_runtime_database_and_models(leuko_home):
     assert not app.exception
     assert "Leuko" in app.title[0].value
     text = " ".join(m.value for m in app.markdown)
-    assert "not a diagnosis" in text and "Models run on" in text
+    assert "not a diagnosis" in text and "Models run on" in text and "through OpenVINO" in text
     assert "Case log: SQLite database, 0 case(s)" in text
     assert (leuko_home / "leuko.db").is_file()
 

@@ -7,11 +7,15 @@ import streamlit as st
 
 from leuko.device import describe_device, pick_device
 from leuko.modelstore import ModelIntegrityError, ModelStore
+from leuko.onnx_backend import RUNTIME_NAMES, choose_runtime
 
 
 def runtime_summary() -> str:
-    """Where the networks will run, in words."""
-    return f"Models run on: {describe_device(pick_device(None))}"
+    """Where the networks will run, in words: the device and, on the CPU, the exported runtime."""
+    device = pick_device(None)
+    runtime = choose_runtime("auto", device)
+    engine = f", through {RUNTIME_NAMES[runtime]}" if runtime else ""
+    return f"Models run on: {describe_device(device)}{engine}"
 
 
 def database_summary() -> str:
