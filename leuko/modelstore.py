@@ -191,11 +191,14 @@ class ModelStore:
         """Write weights (fp16 when ``half``) and card; fills in sha256, dtype and date.
 
         Returns the card path. The weights are written first and the card last, each
-        atomically, so a card never points at missing or partial weights.
+        atomically, so a card never points at missing or partial weights. A card saved over one
+        marked default stays the default, so retraining the default under its id keeps it so.
         """
         if not MODEL_ID_PATTERN.match(card.id):
             raise ValueError(f"model id {card.id!r} must be letters, digits, '.', '_' or '-'")
         folder = Path(folder or self.folders[0])
+        card_path = folder / f"{card.id}.json"
+        card.default = card.default or _marked_default(card_path)
         state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                  for k, v in network.state_dict().items()}
         weights = folder / f"{card.id}.safetensors"
@@ -203,7 +206,6 @@ class ModelStore:
         card.weights_sha256 = file_sha256(weights)
         card.weights_dtype = "float16" if half else "float32"
         card.created = card.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
-        card_path = folder / f"{card.id}.json"
         _atomic_write(card_path, lambda p: p.write_text(card.to_json()))
         return card_path
 
@@ -243,3 +245,11 @@ class ModelStore:
                                       f"{card.arch!r}: {exc}") from exc
         network.pretrained_source = card.pretrained_source
         return LoadedModel(card, network.eval(), folder)
+
+
+def _marked_default(card_path: Path) -> bool:
+    """Whether the card at ``card_path`` exists, is readable and is marked default."""
+    try:
+        return bool(json.loads(card_path.read_text()).get("default"))
+    except (OSError, ValueError, AttributeError):
+        return False

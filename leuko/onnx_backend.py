@@ -180,8 +180,9 @@ def choose_runtime(backend: str, device: torch.device, unsupported: str | None =
     if backend == "torch":
         return None
     if backend == "auto":
-        installed = [runtime for runtime in RUNTIME_PACKAGES if runtime_installed(runtime)]
-        return installed[0] if installed and device.type == "cpu" and unsupported is None else None
+        if device.type != "cpu" or unsupported is not None:
+            return None
+        return next((runtime for runtime in RUNTIME_PACKAGES if runtime_installed(runtime)), None)
     if device.type != "cpu":
         raise ValueError(f"the {backend} backend runs on the CPU only, not on {device.type}")
     if unsupported is not None:

@@ -89,3 +89,12 @@ def test_each_task_has_exactly_one_shipped_model_marked_default():
         marked = [card.id for card in store.cards(task) if card.default]
         assert len(marked) == 1 and store.default_id(task) == marked[0]
     assert store.default_id("wbc_type") == "wbc_type-lite0"
+
+
+def test_retraining_the_default_under_its_id_keeps_it_the_default(tmp_path):
+    store = ModelStore([tmp_path])
+    _save(store, "shipped-default", default=True)
+    _save(store, "alternative")
+    _save(store, "shipped-default")
+    assert store.locate("shipped-default")[0].default
+    assert store.default_id("all_binary") == "shipped-default"
