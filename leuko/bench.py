@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import functional as TF
 
 from leuko.analysis import AnalysisSettings, Analyzer
+from leuko.data import CentreView
 from leuko.device import pick_device
 from leuko.explain import Explainer
 from leuko.modelstore import ModelNotFoundError, ModelStore
@@ -96,9 +97,10 @@ class NaiveClassifier:
         self.network = copy.deepcopy(predictor.network).to(memory_format=torch.contiguous_format)
         config = predictor.card.input_config
         self.size, self.mean, self.std = config.input_size, list(config.mean), list(config.std)
+        self.view = CentreView(config.view_zoom)
 
     def tensor(self, image: Image.Image) -> torch.Tensor:
-        resized = image.resize((self.size, self.size), Image.BICUBIC)
+        resized = self.view(image).resize((self.size, self.size), Image.BICUBIC)
         return TF.normalize(TF.to_tensor(resized), self.mean, self.std)[None].to(self.predictor.device)
 
     def predict(self, image: Image.Image) -> np.ndarray:

@@ -27,7 +27,10 @@ class TrainConfig:
     ``channels_last`` uses the NHWC memory layout (faster on CUDA and, measured, on the CPU). ``stain_jitter`` is the strength
     of stain-space colour augmentation (0 = off, 0.05-0.1 typical). ``zoom_range`` (low, high)
     replaces the default 0.7-1.0 area crop by a zoom between those factors (below 1 zooms
-    out), for cells photographed at other magnifications. ``colour_invariance`` adds hue and
+    out), for cells photographed at other magnifications; its factors apply to the whole
+    image. ``view_zoom`` (at least 1) lets the network see only the central 1/``view_zoom``
+    of each side of an image, in training and prediction (:class:`leuko.data.InputConfig`).
+    ``colour_invariance`` adds hue and
     saturation jitter and grey crops (:func:`leuko.data.build_transform`), for other labs'
     stains. ``background_replacement`` is the
     share of training crops whose background outside the cell is replaced
@@ -56,6 +59,7 @@ class TrainConfig:
     balanced_sampling: bool = False
     stain_jitter: float = 0.0
     zoom_range: tuple[float, float] | None = None
+    view_zoom: float = 1.0
     colour_invariance: bool = False
     background_replacement: float = 0.0
     extra_train: list[dict] | None = None
@@ -96,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.scheduler not in ("plateau", "cosine"):
             raise ValueError(f"scheduler must be plateau or cosine, not {self.scheduler!r}")
+        if not self.view_zoom >= 1.0:
+            raise ValueError(f"view_zoom must be at least 1 (1 = the whole image), not {self.view_zoom}")
         if not 0.0 <= self.background_replacement <= 1.0:
             raise ValueError(f"background_replacement must be within 0-1, not {self.background_replacement}")
         if self.epochs < 1 or self.batch_size < 1:

@@ -36,7 +36,9 @@ class InputConfig:
     """How an image becomes the network's input tensor; saved in each model card.
 
     ``input_size`` is the square side in pixels; ``mean``/``std`` per RGB channel on the
-    0-1 scale; ``interpolation`` is ``bilinear`` or ``bicubic``.
+    0-1 scale; ``interpolation`` is ``bilinear`` or ``bicubic``. ``view_zoom`` (at least 1)
+    makes the network see only the central 1/``view_zoom`` of each side of an image, so a
+    centred cell fills more of its input and of its explanation grid (1: the whole image).
     """
 
     input_size: int = 224
@@ -44,6 +46,11 @@ class InputConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    view_zoom: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.view_zoom >= 1.0:
+            raise ValueError(f"view_zoom must be at least 1 (1 = the whole image), not {self.view_zoom}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +73,32 @@ class Sample:
     dataset: str = ""
     mask: Path | None = None
     clinical: ClinicalValues | None = None
+
+
+def view_box(height: int, width: int, zoom: float) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) in pixels of the central 1/``zoom`` of each side of a
+    ``height`` x ``width`` image: the part a network with that ``view_zoom`` sees."""
+    view_height, view_width = max(1, round(height / zoom)), max(1, round(width / zoom))
+    top, left = (height - view_height) // 2, (width - view_width) // 2
+    return top, left, top + view_height, left + view_width
+
+
+class CentreView:
+    """Crops a PIL image, a (H, W[, C]) array or a (C, H, W) tensor to its central
+    1/``zoom`` of each side (:func:`view_box`)."""
+
+    def __init__(self, zoom: float) -> None:
+        self.zoom = zoom
+
+    def __call__(self, image):
+        if isinstance(image, Image.Image):
+            top, left, bottom, right = view_box(image.height, image.width, self.zoom)
+            return image.crop((left, top, right, bottom))
+        if isinstance(image, torch.Tensor):
+            top, left, bottom, right = view_box(image.shape[-2], image.shape[-1], self.zoom)
+            return image[..., top:bottom, left:right]
+        top, left, bottom, right = view_box(image.shape[0], image.shape[1], self.zoom)
+        return image[top:bottom, left:right]
 
 
 class SmearPreprocess:
@@ -170,8 +203,9 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
     """PIL RGB image -> normalised float tensor (3, S, S).
 
     Training adds augmentations suited to smear cells, which have no canonical orientation:
-    any rotation, both flips, scale 0.7-1.0 of the area (or, with ``zoom_range``, a zoom by
-    a factor in that range, below 1 to zoom out), and mild colour jitter standing in for
+    any rotation, both flips, scale 0.7-1.0 of the area of the network's view (or, with
+    ``zoom_range``, a zoom of the whole image by a factor in that range, below 1 to zoom out,
+    which should span the ``view_zoom`` that prediction uses), and mild colour jitter standing in for
     illumination differences. ``stain_jitter`` > 0 adds stain-space jitter of that strength
     and occasional defocus blur, for robustness to other labs' stains and optics.
     ``colour_invariance`` adds saturation (30%) and hue (0.08 of the colour wheel) jitter and
@@ -190,7 +224,7 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
         if zoom_range:
             steps += [RandomZoom(zoom_range, size), RandomRotationReflect()]
         else:
-            steps += [RandomRotationReflect(),
+            steps += [RandomRotationReflect(), CentreView(config.view_zoom),
                       v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.9, 1.1), interpolation=mode,
                                            antialias=True)]
         steps += [
@@ -205,7 +239,8 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
                       v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.25)]
         steps += [StainNormalize(config.preprocess), v2.PILToTensor()]
     else:
-        steps += [v2.PILToTensor(), v2.Resize((size, size), interpolation=mode, antialias=True),
+        steps += [v2.PILToTensor(), CentreView(config.view_zoom),
+                  v2.Resize((size, size), interpolation=mode, antialias=True),
                   StainNormalize(config.preprocess)]
     steps += [v2.Lambda(torch.Tensor.contiguous, torch.Tensor), v2.ToDtype(torch.float32, scale=True),
               v2.Normalize(list(config.mean), list(config.std))]

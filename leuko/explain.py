@@ -24,6 +24,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, 
 from torch import nn
 
 from leuko.calibration import calibrated_probabilities
+from leuko.data import CentreView, view_box
 from leuko.images import ImageInput, load_image, load_mask
 from leuko.nets import get_arch, resolve_target_layer
 from leuko.predict import Predictor
@@ -165,11 +166,11 @@ class Explainer:
                        method: str = "gradcam") -> tuple[list[np.ndarray], np.ndarray]:
         """CAMs (0-1, each at its image's size) and calibrated probabilities (N, K) of RGB
         images, in one forward and backward pass, for ``class_index`` or each image's
-        predicted class."""
+        predicted class. Outside the network's view (``view_zoom`` above 1) a map is zero:
+        the model did not see those pixels."""
         maps, probs = self.explain_batch(self.predictor.tensors(images), class_index, method)
-        cams = [np.clip(cv2.resize(m, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
-                for m, rgb in zip(maps, images)]
-        return cams, probs
+        zoom = self.predictor.card.input_config.view_zoom
+        return [map_to_image(m, rgb.shape[0], rgb.shape[1], zoom) for m, rgb in zip(maps, images)], probs
 
     def explain(self, image: ImageInput, class_id: str | None = None, method: str = "gradcam") -> Explanation:
         """Explain one image for ``class_id`` (default: the predicted class)."""
@@ -225,6 +226,16 @@ def grid_map_to_image(maps: np.ndarray, width: int, height: int) -> np.ndarray:
     return scale_cam_image(scale_cam_image(maps, (width, height)))
 
 
+def map_to_image(cam: np.ndarray, height: int, width: int, view_zoom: float = 1.0) -> np.ndarray:
+    """A map over the network's input placed on a ``height`` x ``width`` image: resized to the
+    central view the network saw (:func:`leuko.data.view_box`), zero around it, clipped to 0-1."""
+    top, left, bottom, right = view_box(height, width, view_zoom)
+    placed = np.zeros((height, width), np.float32)
+    placed[top:bottom, left:right] = np.clip(cv2.resize(cam, (right - left, bottom - top),
+                                                        interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    return placed
+
+
 def mask_at_cam_resolution(cell_mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """The cell mask as a CAM could draw it: averaged over the target layer's grid (rows,
     columns), then resized and normalised as pytorch-grad-cam resizes its maps. Its energy
@@ -263,8 +274,9 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
 
     (a) mean share of CAM energy inside the cell, the cell taken from the sample's mask file
     when it has one and otherwise from ``segment`` (crop -> 0/128/255 mask), beside the mean
-    share of the image the cell covers (``cell_area_share``: what a map spread evenly over
-    the image would score, so the first figure means something only well above it), and the
+    share of the network's view (the image, or its centre with ``view_zoom``) that the cell
+    covers (``cell_area_share``: what a map spread evenly over the view would score, so the
+    first figure means something only well above it), and the
     share scored by the cell mask itself at the target layer's resolution
     (``mask_at_cam_resolution``: see :func:`mask_at_cam_resolution`); (b) ROAD deletion and
     insertion of the CAM against a uniform random map, same images and seed.
@@ -278,6 +290,7 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
             batch = predictor.tensors(images)
             cams, _ = explainer.explain_batch(batch, None, method)
             size = cams.shape[-1]
+            in_view = CentreView(predictor.card.input_config.view_zoom)
             for sample, rgb, cam in zip(chunk, images, cams):
                 if sample.mask is not None and Path(sample.mask).is_file():
                     mask = load_mask(sample.mask)
@@ -285,7 +298,7 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
                     mask = segment(rgb)
                 else:
                     continue
-                cell = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+                cell = cv2.resize(in_view(mask), (size, size), interpolation=cv2.INTER_NEAREST)
                 shares.append(energy_inside(cam, cell))
                 areas.append(float((cell > 0).mean()))
                 mask_shares.append(energy_inside(mask_at_cam_resolution(cell, explainer.grid), cell))
@@ -294,7 +307,7 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
             rd, ri = deletion_insertion(explainer, batch, random_maps, percentiles)
             deletion += d.tolist(); insertion += i.tolist()
             random_deletion += rd.tolist(); random_insertion += ri.tolist()
-    return {"method": method, "images": len(samples),
+    return {"method": method, "images": len(samples), "view_zoom": predictor.card.input_config.view_zoom,
             "energy_inside_cell": _nan_mean(shares),
             "cell_area_share": float(np.mean(areas)) if areas else None,
             "mask_at_cam_resolution": _nan_mean(mask_shares),

@@ -78,7 +78,8 @@ def input_config_for(config: TrainConfig) -> InputConfig:
     """The input pipeline a resolved configuration implies (saved in the model card)."""
     spec = get_arch(config.arch)
     return InputConfig(input_size=config.input_size or spec.input_size, mean=spec.mean, std=spec.std,
-                       interpolation=spec.interpolation, preprocess=config.preprocess or PreprocessConfig())
+                       interpolation=spec.interpolation, preprocess=config.preprocess or PreprocessConfig(),
+                       view_zoom=config.view_zoom)
 
 
 def load_split(config: TrainConfig, task: Task, split: str) -> list[Sample]:

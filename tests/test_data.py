@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from leuko.data import (InputConfig, ImageDataset, RandomRotationReflect, RandomZoom, StainNormalize, balanced_sampler,
-                        build_transform, read_folder, read_manifest)
+                        build_transform, read_folder, read_manifest, view_box)
 from leuko.preprocess import PreprocessConfig
 from leuko.tasks import get_task
 from tests.conftest import synthetic_cell, write_class_folder
@@ -85,6 +85,23 @@ def test_prediction_resizes_within_two_grey_levels_of_pil_resizing():
     via_pil = np.asarray(image.resize((64, 64), Image.BICUBIC), np.float32) / 127.5 - 1.0
     predicted = build_transform(config, train=False)(image).permute(1, 2, 0).numpy()
     assert np.abs(predicted - via_pil).max() <= 2.5 / 127.5
+
+
+def test_view_zoom_shows_the_network_the_centre_of_the_image_only():
+    frame = synthetic_cell(1, 90)
+    assert view_box(90, 90, 1.5) == (15, 15, 75, 75) and view_box(90, 60, 1.0) == (0, 0, 90, 60)
+    zoomed = InputConfig(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, view_zoom=1.5)
+    whole = InputConfig(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    seen = build_transform(zoomed, train=False)(Image.fromarray(frame))
+    assert torch.equal(seen, build_transform(whole, train=False)(Image.fromarray(frame[15:75, 15:75].copy())))
+    assert not torch.equal(seen, build_transform(whole, train=False)(Image.fromarray(frame)))
+    assert build_transform(zoomed, train=True)(Image.fromarray(frame)).shape == (3, 32, 32)
+
+
+def test_view_zoom_below_one_is_refused_and_older_cards_see_the_whole_image():
+    with pytest.raises(ValueError, match="view_zoom"):
+        InputConfig(view_zoom=0.8)
+    assert InputConfig.from_dict({"input_size": 64}).view_zoom == 1.0
 
 
 def test_rotation_fills_corners_with_mirrored_background_not_black():

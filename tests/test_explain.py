@@ -16,11 +16,11 @@ from leuko.predict import Predictor
 from tests.conftest import synthetic_cell
 
 
-def _predictor(tmp_path, arch="efficientnet_lite0", size=64, backend="auto") -> Predictor:
+def _predictor(tmp_path, arch="efficientnet_lite0", size=64, backend="auto", view_zoom=1.0) -> Predictor:
     torch.manual_seed(0)
     store = ModelStore([tmp_path / "models"])
-    card = ModelCard(id=f"m-{arch}", task="all_binary", classes=["ALL", "normal"], arch=arch,
-                     input=InputConfig(input_size=size).to_dict(), temperature=1.5)
+    card = ModelCard(id=f"m-{arch}" + (f"-view{view_zoom:g}" if view_zoom != 1 else ""), task="all_binary", classes=["ALL", "normal"], arch=arch,
+                     input=InputConfig(input_size=size, view_zoom=view_zoom).to_dict(), temperature=1.5)
     if card.id not in {saved.id for saved in store.cards()}:
         store.save(build_model(arch, 2), card)
     return Predictor(card.id, store=store, backend=backend)
@@ -35,6 +35,15 @@ def test_cam_has_image_shape_and_unit_range(tmp_path, arch):
     assert result.cam.shape == (80, 80) and 0.0 <= result.cam.min() and result.cam.max() <= 1.0
     assert result.class_id == predictor.predict_one(image).label
     assert result.probability == pytest.approx(predictor.predict_one(image).confidence, abs=1e-5)
+
+
+def test_cam_is_zero_outside_the_networks_view(tmp_path):
+    predictor = _predictor(tmp_path, size=64, view_zoom=2.0)
+    with Explainer(predictor) as explainer:
+        cam = explainer.explain(synthetic_cell(0, 80)).cam
+    outside = np.ones((80, 80), bool)
+    outside[20:60, 20:60] = False
+    assert cam.shape == (80, 80) and cam[outside].max() == 0.0 and cam[~outside].max() > 0.0
 
 
 def test_every_method_and_the_class_override(tmp_path):
@@ -132,6 +141,16 @@ def test_faithfulness_report_has_cam_and_random_figures(tmp_path):
     assert halves["cell_area_share"] == pytest.approx(0.5)
     assert 0.0 <= halves["energy_inside_cell"] <= 1.0 and 0.5 < halves["mask_at_cam_resolution"] < 1.0
     assert {"deletion", "deletion_random", "insertion", "insertion_random"} <= set(report)
+
+    def centre(rgb: np.ndarray) -> np.ndarray:
+        mask = np.zeros(rgb.shape[:2], np.uint8)
+        mask[16:48, 16:48] = 128
+        return mask
+
+    assert faithfulness(predictor, paths, segment=centre, percentiles=(50,))["cell_area_share"] == pytest.approx(0.25)
+    zoomed = faithfulness(_predictor(tmp_path, size=96, view_zoom=2.0), paths, segment=centre, percentiles=(50,))
+    assert zoomed["view_zoom"] == 2.0 and zoomed["cell_area_share"] == pytest.approx(1.0)
+    assert zoomed["energy_inside_cell"] == pytest.approx(1.0)
 
 
 def test_a_small_cell_seen_at_a_coarse_grid_spills_out_of_its_outline():

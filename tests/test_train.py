@@ -5,7 +5,7 @@ import pytest
 
 from leuko.config import TrainConfig
 from leuko.progress import ProgressEvent
-from leuko.train import resolve_config, train_model
+from leuko.train import input_config_for, resolve_config, train_model
 
 
 def _config(folder, tmp_path, **overrides) -> TrainConfig:
@@ -73,6 +73,9 @@ def test_recipe_defaults_come_from_the_architecture(binary_folder):
     assert resolve_config(TrainConfig(task="all_binary", arch="oadls_acrnn")).preprocess.equalization == "dhe"
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(task="all_binary", optimizer="sgdx")
+    assert input_config_for(resolve_config(TrainConfig(task="all_binary", view_zoom=1.4))).view_zoom == 1.4
+    with pytest.raises(ValueError, match="view_zoom"):
+        TrainConfig(task="all_binary", view_zoom=0.5)
     with pytest.raises(ValueError, match="unknown training setting"):
         TrainConfig.from_dict({"task": "all_binary", "epoks": 3})
 

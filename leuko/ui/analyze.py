@@ -136,8 +136,11 @@ def model_summary(analyzer: Analyzer) -> None:
         return
     with st.expander(f"About {card.id}: test accuracy {test['accuracy']:.1%} on {test['n']} images"):
         st.plotly_chart(recall_bars(analyzer.predictor.task, test["per_class"]), key="model_recall")
+        view = card.input_config.view_zoom
+        seen = (f" The model sees the central {1 / view:.0%} of each side of a crop, so its attention map is "
+                "empty around that square." if view > 1 else "")
         st.caption(f"{card.limitations} Results below {analyzer.predictor.review_confidence:.0%} confidence "
-                   "are marked needs-review.")
+                   f"are marked needs-review.{seen}")
 
 
 def run_analyses(analyzer: Analyzer, options: RunOptions, items: list[tuple[str, bytes]],

@@ -17,7 +17,9 @@ def card_section(card: ModelCard, store: ModelStore) -> None:
     """A model's card: data, figures, confusion matrix, ROC/PR/reliability, use and limits."""
     default = store.default_id(card.task) == card.id
     with st.expander(f"{card.id}{' (default)' if default else ''}", expanded=default):
-        st.markdown(f"**Architecture** {card.arch}, input {card.input.get('input_size')} px, "
+        view = card.input.get("view_zoom", 1.0)
+        seen = f" (the central {1 / view:.0%} of each side)" if view > 1 else ""
+        st.markdown(f"**Architecture** {card.arch}, input {card.input.get('input_size')} px{seen}, "
                     f"weights {card.weights_dtype}, pretrained from {card.pretrained_source or 'nothing'}; "
                     f"trained in {(card.training_time_s or 0) / 60:.1f} min on {card.hardware or 'unknown hardware'}.")
         if card.task in TASKS:

@@ -88,6 +88,9 @@ def training_form() -> None:
         zoom = right.slider("Zoom augmentation (magnification factor)", 0.5, 3.0, preset.zoom_range or (1.0, 1.0),
                             step=0.1, help="1.0-1.0 keeps the default 0.7-1.0 area crop; a wider range teaches "
                                            "the model cells photographed at other magnifications.")
+        view = right.slider("Network's view (zoom on the image centre)", 1.0, 2.0, float(preset.view_zoom), step=0.1,
+                            help="Above 1 the network sees only the central part of each image, in training and "
+                                 "prediction: a centred cell fills more of its input and of its Grad-CAM grid.")
         background = left.slider("Background replacement (share of training crops)", 0.0, 1.0,
                                  float(preset.background_replacement), step=0.1,
                                  help="Replaces the smear around the cell in this share of training crops, so "
@@ -109,6 +112,7 @@ def training_form() -> None:
                 "freeze_stages": int(freeze), "scheduler": scheduler, "model_id": model_id or None, "resume": False,
                 "preprocess": {**asdict(preprocess), "stain_normalization": "reinhard" if normalise else "none"},
                 "zoom_range": None if zoom == (1.0, 1.0) else zoom, "colour_invariance": bool(colour),
+                "view_zoom": float(view),
                 "background_replacement": float(background)}
     job = start_training(TrainConfig.from_dict(settings))
     st.session_state["train_job"] = job.id
