@@ -84,19 +84,16 @@ def view_box(height: int, width: int, zoom: float) -> tuple[int, int, int, int]:
 
 
 class CentreView:
-    """Crops a PIL image, a (H, W[, C]) array or a (C, H, W) tensor to its central
-    1/``zoom`` of each side (:func:`view_box`)."""
+    """Crops a PIL image or a (H, W[, C]) array to its central 1/``zoom`` of each side
+    (:func:`view_box`)."""
 
     def __init__(self, zoom: float) -> None:
         self.zoom = zoom
 
-    def __call__(self, image):
+    def __call__(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
         if isinstance(image, Image.Image):
             top, left, bottom, right = view_box(image.height, image.width, self.zoom)
-            return image.crop((left, top, right, bottom))
-        if isinstance(image, torch.Tensor):
-            top, left, bottom, right = view_box(image.shape[-2], image.shape[-1], self.zoom)
-            return image[..., top:bottom, left:right]
+            return image if self.zoom == 1.0 else image.crop((left, top, right, bottom))
         top, left, bottom, right = view_box(image.shape[0], image.shape[1], self.zoom)
         return image[top:bottom, left:right]
 
@@ -239,7 +236,7 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
                       v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.25)]
         steps += [StainNormalize(config.preprocess), v2.PILToTensor()]
     else:
-        steps += [v2.PILToTensor(), CentreView(config.view_zoom),
+        steps += [CentreView(config.view_zoom), v2.PILToTensor(),
                   v2.Resize((size, size), interpolation=mode, antialias=True),
                   StainNormalize(config.preprocess)]
     steps += [v2.Lambda(torch.Tensor.contiguous, torch.Tensor), v2.ToDtype(torch.float32, scale=True),
