@@ -12,6 +12,12 @@ from leuko.preprocess import PreprocessConfig
 OPTIMIZERS = ("adam", "adamax", "rmsprop", "adamw")
 
 
+def check_view_zoom(view_zoom: float) -> None:
+    """Raises ``ValueError`` unless ``view_zoom`` is at least 1 (1 = the whole image)."""
+    if not view_zoom >= 1.0:
+        raise ValueError(f"view_zoom must be at least 1 (1 = the whole image), not {view_zoom}")
+
+
 @dataclass
 class TrainConfig:
     """One training run. ``None`` fields fall back to the architecture's registered recipe.
@@ -100,8 +106,7 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.scheduler not in ("plateau", "cosine"):
             raise ValueError(f"scheduler must be plateau or cosine, not {self.scheduler!r}")
-        if not self.view_zoom >= 1.0:
-            raise ValueError(f"view_zoom must be at least 1 (1 = the whole image), not {self.view_zoom}")
+        check_view_zoom(self.view_zoom)
         if not 0.0 <= self.background_replacement <= 1.0:
             raise ValueError(f"background_replacement must be within 0-1, not {self.background_replacement}")
         if self.epochs < 1 or self.batch_size < 1:

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from leuko.clinical import ClinicalValues, encode, from_row
+from leuko.config import check_view_zoom
 from leuko.images import IMAGE_SUFFIXES, load_image, load_mask
 from leuko.preprocess import PreprocessConfig, denoise_and_equalize, normalize_stain
 from leuko.tasks import Task
@@ -49,8 +50,7 @@ class InputConfig:
     view_zoom: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.view_zoom >= 1.0:
-            raise ValueError(f"view_zoom must be at least 1 (1 = the whole image), not {self.view_zoom}")
+        check_view_zoom(self.view_zoom)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -162,6 +162,7 @@ def test_train_page_starts_a_background_job(leuko_home, accounts, binary_folder)
     next(c for c in app.checkbox if c.label.startswith("Hue and grey-scale")).check()
     next(s for s in app.slider if s.label.startswith("Zoom augmentation")).set_value((0.7, 2.8))
     next(s for s in app.slider if s.label.startswith("Background replacement")).set_value(0.5)
+    next(s for s in app.slider if s.label.startswith("Network's view")).set_value(1.4)
     next(b for b in app.button if b.label == "Start training").click().run()
     assert "Training started" in app.success[0].value
     from leuko.jobs import list_jobs
@@ -170,4 +171,5 @@ def test_train_page_starts_a_background_job(leuko_home, accounts, binary_folder)
     assert job.config.folder == str(binary_folder) and job.config.epochs == 1
     assert job.config.preprocess.stain_normalization == "reinhard" and job.config.zoom_range == (0.7, 2.8)
     assert job.config.background_replacement == 0.5 and job.config.colour_invariance
+    assert job.config.view_zoom == 1.4
     job.kill()

@@ -17,7 +17,7 @@ def card_section(card: ModelCard, store: ModelStore) -> None:
     """A model's card: data, figures, confusion matrix, ROC/PR/reliability, use and limits."""
     default = store.default_id(card.task) == card.id
     with st.expander(f"{card.id}{' (default)' if default else ''}", expanded=default):
-        view = card.input.get("view_zoom", 1.0)
+        view = card.input_config.view_zoom
         seen = f" (the central {1 / view:.0%} of each side)" if view > 1 else ""
         st.markdown(f"**Architecture** {card.arch}, input {card.input.get('input_size')} px{seen}, "
                     f"weights {card.weights_dtype}, pretrained from {card.pretrained_source or 'nothing'}; "
