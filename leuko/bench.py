@@ -95,7 +95,7 @@ class NaiveClassifier:
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
         self.network = copy.deepcopy(predictor.network).to(memory_format=torch.contiguous_format)
-        config = predictor.card.input_config
+        config = predictor.input_config
         self.size, self.mean, self.std = config.input_size, list(config.mean), list(config.std)
         self.view = CentreView(config.view_zoom)
 
@@ -197,7 +197,7 @@ def run_benchmarks(device: str | None = None, repeats: int = 20, backend: str = 
         except ModelNotFoundError:
             continue
         naive = NaiveClassifier(predictor)
-        size = predictor.card.input_config.input_size
+        size = predictor.input_config.input_size
         bound = model_flops(predictor.network, size, target) / flops_per_second * 1000
         rows.append(BenchRow(f"{task}: predict, batch 1", "ms",
                              *timed_pair(lambda: predictor.predict([crop]), lambda: naive.predict(crop), repeats), bound))

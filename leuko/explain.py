@@ -169,7 +169,7 @@ class Explainer:
         predicted class. Outside the network's view (``view_zoom`` above 1) a map is zero:
         the model did not see those pixels."""
         maps, probs = self.explain_batch(self.predictor.tensors(images), class_index, method)
-        zoom = self.predictor.card.input_config.view_zoom
+        zoom = self.predictor.input_config.view_zoom
         return [map_to_image(m, rgb.shape[0], rgb.shape[1], zoom) for m, rgb in zip(maps, images)], probs
 
     def explain(self, image: ImageInput, class_id: str | None = None, method: str = "gradcam") -> Explanation:
@@ -282,6 +282,7 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
     insertion of the CAM against a uniform random map, same images and seed.
     """
     rng = np.random.default_rng(seed)
+    in_view = CentreView(predictor.input_config.view_zoom)
     shares, areas, mask_shares, deletion, insertion, random_deletion, random_insertion = [], [], [], [], [], [], []
     with Explainer(predictor) as explainer:
         for start in range(0, len(samples), batch_size):
@@ -290,7 +291,6 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
             batch = predictor.tensors(images)
             cams, _ = explainer.explain_batch(batch, None, method)
             size = cams.shape[-1]
-            in_view = CentreView(predictor.card.input_config.view_zoom)
             for sample, rgb, cam in zip(chunk, images, cams):
                 if sample.mask is not None and Path(sample.mask).is_file():
                     mask = load_mask(sample.mask)
@@ -307,7 +307,7 @@ def faithfulness(predictor: Predictor, samples, segment=None, method: str = "gra
             rd, ri = deletion_insertion(explainer, batch, random_maps, percentiles)
             deletion += d.tolist(); insertion += i.tolist()
             random_deletion += rd.tolist(); random_insertion += ri.tolist()
-    return {"method": method, "images": len(samples), "view_zoom": predictor.card.input_config.view_zoom,
+    return {"method": method, "images": len(samples), "view_zoom": in_view.zoom,
             "energy_inside_cell": _nan_mean(shares),
             "cell_area_share": float(np.mean(areas)) if areas else None,
             "mask_at_cam_resolution": _nan_mean(mask_shares),

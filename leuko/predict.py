@@ -110,7 +110,9 @@ class Predictor:
         self.task: Task = get_task(loaded.card.task)
         self.device = pick_device(device)
         self.network = loaded.network.to(self.device).eval().to(memory_format=torch.channels_last)
-        self.transform = build_transform(loaded.card.input_config, train=False)
+        self.input_config = loaded.card.input_config
+        """The card's input pipeline, parsed once: size, normalisation and the network's view."""
+        self.transform = build_transform(self.input_config, train=False)
         self.tta = tta
         self.fusion = get_arch(loaded.card.arch).fusion
         self.review_confidence = (review_confidence if review_confidence is not None
@@ -120,7 +122,7 @@ class Predictor:
     def _onnx_backend(self, backend: str) -> OnnxNetwork | None:
         unsupported = "a fusion model takes blood counts besides the image; only image-only models are exported" \
             if self.fusion else None
-        size = self.card.input_config.input_size
+        size = self.input_config.input_size
         if get_arch(self.card.arch).target_layer == "backbone":
             return onnx_network(LogitsAndFeatures(self.network), size, backend, self.device, unsupported,
                                 output_names=("logits", "features"), reference=self.network)
