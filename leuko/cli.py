@@ -260,9 +260,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     from leuko.bench import format_rows, run_benchmarks, store_benchmarks, training_throughput
     from leuko.device import describe_device, pick_device
-    from leuko.onnx_backend import RUNTIME_NAMES, choose_runtime
+    from leuko.onnx_backend import RUNTIME_NAMES, RUNTIME_PACKAGES, choose_runtime
 
-    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    on_cuda_too = torch.cuda.is_available() and args.backend not in RUNTIME_PACKAGES
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if on_cuda_too else [])
     for device in devices:
         runtime = choose_runtime(args.backend, pick_device(device))
         print(f"\n{describe_device(pick_device(device))}, torch {torch.__version__}, "
@@ -406,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     cam_eval.set_defaults(handler=_evaluate_cam)
 
     bench = sub.add_parser("bench", help="latency and throughput against a naive reference, same run")
-    bench.add_argument("--device", help="cpu or cuda (default: the CPU, and CUDA when present)")
+    bench.add_argument("--device", help="cpu or cuda (default: the CPU, and CUDA when present "
+                       "unless --backend names a CPU-only runtime)")
     bench.add_argument("--repeats", type=int, default=20)
     bench.add_argument("--backend", default="auto",
                        help="auto (default: OpenVINO, else ONNX Runtime, on the CPU), torch, openvino or onnx")

@@ -67,7 +67,7 @@ class OnnxNetwork:
     further from PyTorch's than 1e-4 plus 1e-3 of that output's largest magnitude.
     """
 
-    def __init__(self, network: torch.nn.Module, input_size: int, runtime: str = "onnx", threads: int | None = None,
+    def __init__(self, network: torch.nn.Module, input_size: int, runtime: str = "onnx",
                  output_names: tuple[str, ...] = ("logits",), reference: torch.nn.Module | None = None) -> None:
         if runtime not in RUNTIME_PACKAGES:
             raise ValueError(f"runtime must be openvino or onnx, not {runtime!r}")
@@ -83,7 +83,7 @@ class OnnxNetwork:
                                   dynamic_axes={name: {0: "batch"} for name in ("image", *output_names)},
                                   dynamo=False, opset_version=17)
             start = _openvino_runner if runtime == "openvino" else _onnxruntime_runner
-            self._run = start(buffer.getvalue(), threads or torch.get_num_threads())
+            self._run = start(buffer.getvalue(), torch.get_num_threads())
         except Exception as exc:
             raise OnnxExportError(f"{type(network).__name__} could not be exported to "
                                   f"{RUNTIME_NAMES[runtime]}: {exc}") from exc
@@ -140,12 +140,13 @@ def _openvino_runner(model: bytes, threads: int) -> Runner:
     core = openvino.Core()
     compiled = core.compile_model(core.read_model(model), "CPU", {
         "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    ports = {name: port for port in compiled.outputs for name in port.get_names()}
     requests = threading.local()
 
     def run(name: str, images: np.ndarray) -> np.ndarray:
         if not hasattr(requests, "request"):
             requests.request = compiled.create_infer_request()
-        return np.array(requests.request.infer({"image": images})[compiled.output(name)])
+        return np.array(requests.request.infer({"image": images})[ports[name]])
 
     return run
 

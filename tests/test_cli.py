@@ -91,6 +91,26 @@ def test_errors_are_one_clear_line_with_exit_code_2(trained, monkeypatch, capsys
     assert "backend must be one of auto, torch, openvino, onnx" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("backend, devices", [("openvino", ["cpu"]), ("onnx", ["cpu"]),
+                                              ("torch", ["cpu", "cuda"]), ("auto", ["cpu", "cuda"])])
+def test_bench_on_a_cuda_machine_skips_cuda_for_cpu_only_runtimes(monkeypatch, backend, devices):
+    """``bench --backend openvino`` on a machine with CUDA measures the CPU alone instead of
+    failing at the CUDA pass, which those runtimes cannot serve."""
+    import torch
+
+    import leuko.bench
+    import leuko.onnx_backend
+
+    benched = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(leuko.onnx_backend, "runtime_installed", lambda runtime: True)
+    monkeypatch.setattr("leuko.device.pick_device", lambda device=None: torch.device("cpu"))
+    monkeypatch.setattr(leuko.bench, "run_benchmarks", lambda device, repeats, backend: benched.append(device) or [])
+    monkeypatch.setattr(leuko.bench, "store_benchmarks", lambda: [])
+    assert main(["bench", "--backend", backend, "--skip-training"]) == 0
+    assert benched == devices
+
+
 def test_torchrun_trains_with_distributed_data_parallel_on_the_cpu(binary_folder, tmp_path):
     """Two gloo processes train one model; only rank 0 registers it."""
     env = {"LEUKO_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
