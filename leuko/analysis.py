@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from leuko.clinical import ClinicalValues, Flag, flags
-from leuko.explain import Explainer, energy_inside, overlay
+from leuko.explain import Explainer, draw_mask_outlines, energy_inside, overlay
 from leuko.images import ImageError, ImageInput, load_image
 from leuko.morphometrics import measure_cell, shape_measures
 from leuko.predict import BATCH_SIZE, Prediction, Predictor
@@ -188,11 +188,11 @@ class ImageAnalysis:
             entry.morphometrics = self.cells[0].morphometrics
         elif self.kind == "field":
             entry.cells = [CellEntry(box=c.box, touches_border=c.touches_border, crop_png=png_bytes(c.crop),
-                                     morphometrics=c.morphometrics, prediction=self._prediction_entry(c, crop_png=False))
+                                     morphometrics=c.morphometrics, prediction=self._prediction_entry(c))
                            for c in self.cells]
         return entry
 
-    def _prediction_entry(self, cell: CellResult, crop_png: bool = True) -> PredictionEntry:
+    def _prediction_entry(self, cell: CellResult) -> PredictionEntry:
         return PredictionEntry(model_id=self.model_id, weights_sha256=self.weights_sha256, task=self.task.id,
                                probabilities=cell.prediction.as_dict(), label=cell.prediction.label,
                                confidence=cell.prediction.confidence, needs_review=cell.prediction.needs_review,
@@ -211,10 +211,7 @@ def mask_overlay(rgb: np.ndarray, mask: np.ndarray, opacity: float = 0.45) -> np
     for level, colour in MASK_COLOURS.items():
         tinted[mask == level] = colour
     blended = cv2.addWeighted(rgb, 1.0 - opacity, tinted, opacity, 0.0)
-    for level, colour in ((1, (255, 255, 255)), (255, (40, 0, 60))):
-        contours, _ = cv2.findContours((mask >= level).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(blended, contours, -1, colour, max(1, min(rgb.shape[:2]) // 200))
-    return blended
+    return draw_mask_outlines(blended, mask, nucleus_colour=(40, 0, 60), sides_per_line=200)
 
 
 def boxes_overlay(analysis: "ImageAnalysis") -> np.ndarray:

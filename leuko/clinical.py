@@ -54,9 +54,6 @@ class ClinicalValues:
     blasts_pct: float | None = None
     ldh: float | None = None
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     def present(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 

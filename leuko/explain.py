@@ -194,11 +194,20 @@ def overlay(rgb: np.ndarray, cam: np.ndarray, colormap: str = "jet", opacity: fl
     blended = show_cam_on_image(rgb.astype(np.float32) / 255.0, cam.astype(np.float32), use_rgb=True,
                                 colormap=COLORMAPS[colormap], image_weight=1.0 - opacity)
     if contour_mask is not None:
-        for level, colour in ((1, (255, 255, 255)), (255, (0, 0, 0))):
-            contours, _ = cv2.findContours((contour_mask >= level).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                           cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(blended, contours, -1, colour, max(1, min(rgb.shape[:2]) // 150))
+        draw_mask_outlines(blended, contour_mask)
     return blended
+
+
+def draw_mask_outlines(canvas: np.ndarray, mask: np.ndarray, nucleus_colour: tuple[int, int, int] = (0, 0, 0),
+                       sides_per_line: int = 150) -> np.ndarray:
+    """Draw a 0/128/255 segmentation mask's outlines on the RGB ``canvas`` in place and return
+    it: the cell in white, the nucleus in ``nucleus_colour``, lines 1/``sides_per_line`` of the
+    shorter side thick (at least one pixel)."""
+    width = max(1, min(canvas.shape[:2]) // sides_per_line)
+    for level, colour in ((1, (255, 255, 255)), (255, nucleus_colour)):
+        contours, _ = cv2.findContours((mask >= level).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(canvas, contours, -1, colour, width)
+    return canvas
 
 
 def side_by_side(rgb: np.ndarray, rendered: np.ndarray) -> np.ndarray:

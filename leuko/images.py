@@ -63,12 +63,15 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode (16-bit, greyscale, palette, RGBA, CMYK) to 8-bit RGB.
+    """Convert any PIL mode (16- or 32-bit integer or float, greyscale, palette, RGBA, CMYK)
+    to 8-bit RGB.
 
-    Transparent areas are composited on white, the colour of an empty smear background.
+    Integer and float greyscale is scaled so that its brightest pixel becomes 255 (a float
+    image in 0-1 would otherwise be truncated to black). Transparent areas are composited on
+    white, the colour of an empty smear background.
     """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64)).clip(min=0.0)
         top = array.max() or 1.0
         image = Image.fromarray((array / top * 255.0).round().astype(np.uint8))
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):

@@ -17,6 +17,7 @@ from skimage.feature import graycomatrix, graycoprops
 from skimage.measure import label, perimeter_crofton, regionprops
 
 NUCLEUS, CYTOPLASM, BACKGROUND = 255, 128, 0
+"""The labels of a segmentation mask (single-channel, as in the shared data's masks)."""
 
 
 @dataclass

@@ -17,9 +17,9 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
+from leuko.morphometrics import BACKGROUND, CYTOPLASM, NUCLEUS
 from leuko.preprocess import PreprocessConfig, apply_preprocessing
 
-BACKGROUND, CYTOPLASM, NUCLEUS = 0, 128, 255
 MIN_SIDE = 24
 """Smallest image side, in pixels, that can hold a measurable cell."""
 
@@ -30,8 +30,9 @@ class SegmentationError(ValueError):
 
 @dataclass
 class ClassicalConfig:
-    """Settings of the classical segmenter. Sizes are fractions of the crop's shorter side,
-    so the method works at any magnification of a single-cell crop."""
+    """Settings of the classical segmenter, relative to the crop so that the method works at
+    any magnification of a single-cell crop: ``smoothing`` and ``background_margin`` are
+    fractions of the crop's shorter side, ``min_nucleus_fraction`` a fraction of its area."""
 
     preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(wiener=True, equalization="dhe"))
     smoothing: float = 0.01
@@ -95,7 +96,6 @@ def _central_components(binary: np.ndarray, min_area: int) -> np.ndarray:
     if not keep:
         return np.zeros_like(binary, dtype=bool)
     centre = np.array(binary.shape[::-1], dtype=np.float64) / 2.0
-    distance_map = ndi.distance_transform_edt(labels == 0)
     nearest = min(keep, key=lambda i: np.linalg.norm(centroids[i] - centre) / np.sqrt(stats[i, cv2.CC_STAT_AREA]))
     chosen = labels == nearest
     reach = np.sqrt(stats[nearest, cv2.CC_STAT_AREA] / np.pi)
@@ -103,7 +103,6 @@ def _central_components(binary: np.ndarray, min_area: int) -> np.ndarray:
     for i in keep:
         if i != nearest and np.any(near_chosen & (labels == i)):
             chosen |= labels == i
-    del distance_map
     return chosen
 
 
@@ -132,6 +131,8 @@ def classical_segment(rgb: np.ndarray, config: ClassicalConfig | None = None) ->
     if not nucleus.any():
         return np.zeros((height, width), np.uint8)
     nucleus = ndi.binary_fill_holes(nucleus)
+    if nucleus.all():
+        return np.full((height, width), NUCLEUS, np.uint8)
 
     candidate = (cell_map > _otsu(cell_map[~nucleus])) | nucleus
     candidate = ndi.binary_fill_holes(cv2.morphologyEx(candidate.astype(np.uint8), cv2.MORPH_CLOSE,

@@ -122,3 +122,14 @@ def test_torchrun_trains_with_distributed_data_parallel_on_the_cpu(binary_folder
     assert run.returncode == 0, run.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["ddp.json", "ddp.safetensors"]
     assert run.stdout.count("registered model ddp") == 1
+
+
+def test_explain_offers_every_cam_method_and_colour_map_the_core_has():
+    """The parser names the methods without importing pytorch-grad-cam at start-up; this keeps
+    its list and the core's the same."""
+    from leuko.cli import build_parser
+    from leuko.explain import CAM_METHODS, COLORMAPS
+
+    explain = build_parser()._subparsers._group_actions[0].choices["explain"]
+    choices = {action.dest: action.choices for action in explain._actions}
+    assert list(choices["method"]) == list(CAM_METHODS) and list(choices["colormap"]) == list(COLORMAPS)

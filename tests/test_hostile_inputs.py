@@ -57,6 +57,8 @@ def test_unusable_files_are_refused_with_a_clear_reason(name):
 ACCEPTED = {
     "PNG with a .jpg name": lambda: _save(_cell(), "PNG"),
     "16-bit TIFF": lambda: _save(Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 15).astype(np.uint16)), "TIFF"),
+    "32-bit float TIFF scaled 0-1": lambda: _save(
+        Image.fromarray((np.arange(64 * 64).reshape(64, 64) / 4095).astype(np.float32)), "TIFF"),
     "greyscale": lambda: _save(_cell().convert("L"), "PNG"),
     "RGBA": lambda: _save(_cell().convert("RGBA"), "PNG"),
     "CMYK JPEG": lambda: _save(_cell().convert("CMYK"), "JPEG"),

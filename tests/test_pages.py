@@ -72,6 +72,24 @@ def test_analyze_gives_a_prediction_and_saves_a_case(leuko_home, examples, accou
     store.close()
 
 
+def test_an_internal_error_on_one_image_keeps_the_others_and_names_it(leuko_home, examples, monkeypatch):
+    from leuko.analysis import Analyzer
+
+    analyze = Analyzer.analyze
+
+    def fails_on_the_second(self, source, name="image", *args, **kwargs):
+        if name == "001.png":
+            raise RuntimeError("segmenter broke")
+        return analyze(self, source, name, *args, **kwargs)
+
+    monkeypatch.setattr(Analyzer, "analyze", fails_on_the_second)
+    app = analyse_examples(page("1_Analyze.py"), ["examples: 000.png (ALL)", "examples: 001.png (ALL)"])
+    assert not app.exception
+    assert len([m for m in app.markdown if m.value.startswith("### ")]) == 1
+    assert any("001.png" in e.value and "internal error" in e.value and "segmenter broke" in e.value
+               for e in app.error)
+
+
 def test_impossible_cbc_value_blocks_analysis_with_its_field_named(leuko_home, examples):
     app = page("1_Analyze.py")
     next(n for n in app.number_input if n.label == "Hemoglobin").set_value(80.0).run()
@@ -131,6 +149,22 @@ def test_a_flagged_result_is_not_confirmed_until_a_person_chooses_its_label(leuk
     next(b for b in app.button if b.label == "Confirm or reclassify").click().run()
     next(b for b in app.button if b.label == "Sign off this case").click().run()
     assert not app.error and "signed" in app.subheader[0].value
+
+
+def test_history_filters_by_reviewer_and_by_reviewed_label(leuko_home, accounts):
+    store = CaseStore(home=leuko_home)
+    for reference, reviewer, final in (("BY-RITA", "rita", "normal"), ("BY-BOB", "bob", "ALL")):
+        prediction = PredictionEntry("m", "0" * 64, "all_binary", {"ALL": 0.9, "normal": 0.1}, "ALL", 0.9, False, 5.0)
+        case_id = store.save_case(reference, "ann", [ImageEntry(png_bytes(stained_cell()), "cell.png", 160, 160,
+                                                                "crop", prediction)])
+        store.review(store.case(case_id).images[0].id, reviewer, final)
+    store.close()
+    app = page("2_Cases.py", accounts["rita"])
+    next(t for t in app.text_input if t.label == "Reviewed by").set_value("rita").run()
+    assert list(app.dataframe[0].value["reference"]) == ["BY-RITA"]
+    next(t for t in app.text_input if t.label == "Reviewed by").set_value("").run()
+    next(s for s in app.selectbox if s.label == "Reviewed as").set_value("ALL").run()
+    assert list(app.dataframe[0].value["reference"]) == ["BY-BOB"]
 
 
 def test_sign_off_is_refused_while_an_image_is_unreviewed(leuko_home, examples, accounts):

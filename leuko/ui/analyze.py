@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from datetime import datetime
 from time import perf_counter
@@ -21,6 +22,8 @@ from leuko.tasks import TASKS
 from leuko.ui.auth import case_store, current_user
 from leuko.ui.charts import probability_bars, recall_bars
 
+log = logging.getLogger(__name__)
+
 UPLOAD_TYPES = [suffix.lstrip(".") for suffix in IMAGE_SUFFIXES]
 
 
@@ -35,8 +38,10 @@ class RunOptions:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model...")
-def analyzer_for(task: str, model_id: str | None, device: str, segmenter: str) -> Analyzer:
-    """One analyzer (classifier, CAM object, segmenter) per choice, shared by all sessions."""
+def analyzer_for(task: str, model_id: str | None, device: str, segmenter: str, weights: str) -> Analyzer:
+    """One analyzer (classifier, CAM object, segmenter) per choice, shared by all sessions;
+    ``weights`` (the card's weights digest) keys the cache too, so a model retrained under
+    the same id is loaded afresh instead of serving the old weights."""
     return Analyzer(AnalysisSettings(task, model_id, None if device == "auto" else device, segmenter))
 
 
@@ -122,7 +127,10 @@ def load_analyzer(settings: AnalysisSettings) -> Analyzer | None:
     """The chosen model, loaded as soon as it is chosen (before any upload), or ``None``
     with the reason shown when it cannot be loaded."""
     try:
-        return analyzer_for(settings.task, settings.model_id, settings.device or "auto", settings.segmenter)
+        store = ModelStore()
+        model_id = settings.model_id or store.default_id(settings.task)
+        weights = store.locate(model_id)[0].weights_sha256
+        return analyzer_for(settings.task, model_id, settings.device or "auto", settings.segmenter, weights)
     except (ModelNotFoundError, ModelIntegrityError, DeviceError) as exc:
         st.error(f"The model could not be loaded: {exc}")
         return None
@@ -155,6 +163,10 @@ def run_analyses(analyzer: Analyzer, options: RunOptions, items: list[tuple[str,
                                              pixel_size_um=options.pixel_size_um), data))
         except ImageError as exc:
             errors.append(f"{name}: {exc}")
+        except Exception as exc:
+            log.exception("analysing %s failed", name)
+            errors.append(f"{name}: not analysed because of an internal error ({type(exc).__name__}: {exc}); "
+                          "the other images were analysed. Please report it with the image.")
         bar.progress(done / len(items), text=f"Analysed {done} of {len(items)}")
     bar.empty()
     st.session_state["analyses"] = results

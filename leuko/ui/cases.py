@@ -19,14 +19,18 @@ PAGE_SIZE = 25
 
 
 def filters_form() -> CaseFilter:
-    """History filters: reference, status, task, predicted label, needs review, dates."""
+    """History filters: reference, status, reviewer, task, predicted and final label, needs
+    review, dates."""
     with st.expander("Filters", expanded=False):
         first, second, third = st.columns(3)
         reference = first.text_input("Reference contains")
         status = first.selectbox("Status", ["any", "new", "reviewed", "signed"])
+        reviewer = first.text_input("Reviewed by", help="A reviewer's user name")
         task = second.selectbox("Task", ["any", *TASKS])
         labels = sorted({c for t in TASKS.values() for c in t.class_ids})
         predicted = second.selectbox("Predicted label", ["any", *labels])
+        final = second.selectbox("Reviewed as", ["any", *labels, NO_LEUKOCYTE],
+                                 help="The final label a reviewer confirmed or chose")
         needs_review = third.selectbox("Needs review", ["any", "yes", "no"])
         dates = third.date_input("Created between", value=(), help="Leave empty for any date")
     since = until = None
@@ -35,6 +39,7 @@ def filters_form() -> CaseFilter:
         until = datetime.combine(dates[1], time.max, tzinfo=timezone.utc)
     return CaseFilter(since=since, until=until, task=None if task == "any" else task,
                       predicted_label=None if predicted == "any" else predicted,
+                      final_label=None if final == "any" else final, reviewer=reviewer.strip() or None,
                       needs_review=None if needs_review == "any" else needs_review == "yes",
                       status=None if status == "any" else status, reference=reference or None)
 
@@ -88,7 +93,7 @@ def review_image(store: CaseStore, image: ImageRecord, user: dict, locked: bool)
     captions = ["Original"]
     if whole:
         pictures += [_image_bytes(store, whole.cam_path), _image_bytes(store, whole.mask_path)]
-        captions += ["Grad-CAM", "Mask"]
+        captions += ["Attention map (CAM)", "Mask"]
     shown = [(p, c) for p, c in zip(pictures, captions) if p]
     st.image([p for p, _ in shown], caption=[c for _, c in shown], width=220 if image.kind == "crop" else 480)
     measured = ([{"cell": "crop", **image.morphometrics}] if image.morphometrics else
@@ -159,7 +164,8 @@ def _review_form(store: CaseStore, image: ImageRecord, items: list[tuple[int | N
     """Final label per item (cell id or ``None`` for the image, predicted label, existing final
     label, needs review) and a comment. An item starts at its final label, else at the
     prediction; one the model flagged for review starts empty, so a person must choose it.
-    Submitting saves only the items whose label is new or changed."""
+    Submitting saves only the items whose label is new or changed; a comment submitted
+    without a change is saved with every chosen label, so it reaches the audit trail."""
     if locked:
         return
     with st.form(f"review_{image.id}"):
