@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,12 @@ from pathlib import Path
 import yaml
 
 from leuko.config import TrainConfig
+from leuko.modelstore import ModelStore
 from leuko.paths import REPO_ROOT, leuko_home
+from leuko.store import CaseStore
+from leuko.store.export import export_dataset
+
+MIN_REVIEWED_CROPS = 10
 
 
 def jobs_dir() -> Path:
@@ -98,7 +104,8 @@ class Job:
         return True
 
     def state(self) -> str:
-        """``running``, ``finished``, ``stopped`` (asked to stop; best weights registered),
+        """``running``, ``finished``, ``stopped`` (asked to stop; best weights registered, or
+        nothing when no epoch had been validated: see :meth:`no_model_reason`),
         ``cancelled`` (ended at once, nothing registered), ``failed`` (see the log) or
         ``interrupted`` (the process vanished, e.g. a reboot)."""
         code = self.exit_code()
@@ -112,7 +119,8 @@ class Job:
 
     def stop(self) -> None:
         """Ask the training to stop after its current step; the best weights so far are then
-        calibrated, evaluated and registered as usual."""
+        calibrated, evaluated and registered as usual, or nothing is registered when no epoch
+        has been validated yet."""
         (self.folder / "stop").touch()
 
     def kill(self) -> None:
@@ -134,12 +142,27 @@ class Job:
             return json.loads(report.read_text())["model"]
         return None
 
+    def no_model_reason(self) -> str | None:
+        """Why a job that ended without an error (finished or stopped) registered no model,
+        e.g. "stopped before the first epoch finished: no model registered", from the
+        training's last message; ``None`` while it runs, when it failed or once a model is
+        registered."""
+        if self.state() not in ("finished", "stopped") or (self.report_dir / "metrics.json").is_file():
+            return None
+        messages = [e["message"] for e in self.events() if e["kind"] == "message" and e.get("message")]
+        return messages[-1] if messages else "no model was registered"
 
-def start_training(config: TrainConfig) -> Job:
+
+def start_training(config: TrainConfig, replace: bool = False) -> Job:
     """Start ``python -m leuko train`` on ``config`` in a new process group and return its job.
 
-    The model is registered into the user's models folder (``$LEUKO_HOME/models``).
+    The model is registered into the user's models folder (``$LEUKO_HOME/models``). A model id
+    that is taken is refused with a ``ValueError`` before anything starts, so no model is
+    silently replaced or shadowed; ``replace`` allows retraining a model of the same task
+    under its id (:meth:`leuko.modelstore.ModelStore.check_new_id`).
     """
+    if config.model_id:
+        ModelStore().check_new_id(config.model_id, config.task, replace=replace)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     folder = jobs_dir() / f"{config.task}-{stamp}"
     folder.mkdir(parents=True)
@@ -176,3 +199,24 @@ def find_report(model_id: str) -> Path | None:
         if report.is_file() and json.loads(report.read_text()).get("model") == model_id:
             return job.report_dir
     return None
+
+
+def export_reviewed_crops(store: CaseStore, task: str, folder: Path, min_crops: int = MIN_REVIEWED_CROPS) -> int:
+    """Export ``task``'s crops from signed-off cases, with the reviewers' final labels, into
+    ``folder`` as a dataset training reads (:func:`leuko.store.export.export_dataset`), and
+    return how many there are.
+
+    Fewer than ``min_crops`` is refused with a ``ValueError``. Then, and when the case log
+    fails (:class:`leuko.store.StoreUnavailableError` is passed on), ``folder`` is removed, so
+    no copies of patients' crops are left behind.
+    """
+    try:
+        manifest = export_dataset(store, folder, task)
+        count = len(manifest.read_text().splitlines()) - 1
+        if count < min_crops:
+            raise ValueError(f"only {count} crop(s) of this task in signed-off cases, fewer than {min_crops}: "
+                             "review and sign more cases before training on them")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return count

@@ -186,16 +186,42 @@ class ModelStore:
         choices[task] = model_id
         _atomic_write(choice_file, lambda p: p.write_text(json.dumps(choices, indent=2)))
 
+    def existing(self, model_id: str, folder: Path | None = None) -> ModelCard | None:
+        """The readable card ``model_id`` already has in ``folder`` or any store folder, else ``None``."""
+        for place in ([Path(folder)] if folder else []) + self.folders:
+            card = _read_card(place / f"{model_id}.json")
+            if card is not None:
+                return card
+        return None
+
+    def check_new_id(self, model_id: str, task: str, replace: bool = False, folder: Path | None = None) -> None:
+        """Refuse ``model_id`` for a new model of ``task`` with a ``ValueError`` when it is not a
+        valid id, when a model of another task has it (the new one would replace or shadow
+        that one), or when a model of ``task`` has it and ``replace`` (retraining under the
+        same id) was not asked for."""
+        if not MODEL_ID_PATTERN.match(model_id):
+            raise ValueError(f"model id {model_id!r} must be letters, digits, '.', '_' or '-'")
+        card = self.existing(model_id, folder)
+        if card is None:
+            return
+        if card.task != task:
+            raise ValueError(f"model id {model_id!r} is taken by a model of another task ({card.task}); "
+                             f"choose another id for this {task} model")
+        if not replace:
+            raise ValueError(f"a {task} model {model_id!r} exists already; choose another id, or replace it "
+                             "explicitly to retrain it under its id")
+
     def save(self, network: torch.nn.Module, card: ModelCard, half: bool = False,
              folder: Path | None = None) -> Path:
         """Write weights (fp16 when ``half``) and card; fills in sha256, dtype and date.
 
         Returns the card path. The weights are written first and the card last, each
-        atomically, so a card never points at missing or partial weights. A card saved over one
-        marked default stays the default, so retraining the default under its id keeps it so.
+        atomically, so a card never points at missing or partial weights. An id that a model of
+        another task has is refused, so no model is replaced or shadowed by one of another task.
+        A card saved over one marked default stays the default, so retraining the default
+        under its id keeps it so.
         """
-        if not MODEL_ID_PATTERN.match(card.id):
-            raise ValueError(f"model id {card.id!r} must be letters, digits, '.', '_' or '-'")
+        self.check_new_id(card.id, card.task, replace=True, folder=folder)
         folder = Path(folder or self.folders[0])
         card_path = folder / f"{card.id}.json"
         card.default = card.default or _marked_default(card_path)
@@ -245,6 +271,15 @@ class ModelStore:
                                       f"{card.arch!r}: {exc}") from exc
         network.pretrained_source = card.pretrained_source
         return LoadedModel(card, network.eval(), folder)
+
+
+def _read_card(path: Path) -> ModelCard | None:
+    """The card at ``path`` if it exists, is readable and names itself by the file's stem."""
+    try:
+        card = ModelCard.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return card if card.id == path.stem else None
 
 
 def _marked_default(card_path: Path) -> bool:

@@ -26,12 +26,23 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
     with ``report_dir`` the test evaluation's figures and plots are written there too.
 
     Returns the saved card, whose ``metrics`` hold the validation and test figures; under
-    ``torchrun`` only rank 0 registers the model and the other ranks return ``None``.
+    ``torchrun`` only rank 0 registers the model and the other ranks return ``None``. An id
+    that a model of another task has is refused before training. When no epoch was validated
+    (stopped before the first one finished) nothing is registered: the callbacks are told why
+    and ``None`` is returned, so untrained weights never become a model.
     """
     store = store or ModelStore()
     callbacks = list(callbacks)
+    if config.model_id:
+        store.check_new_id(config.model_id, config.task, replace=True, folder=folder)
     result = train_model(config, callbacks, should_stop)
     if result.rank != 0:
+        return None
+    if result.best_epoch == 0:
+        reason = ("stopped before the first epoch finished" if not result.history
+                  else "no epoch gave a finite validation loss")
+        for listener in callbacks:
+            listener(ProgressEvent("message", message=f"{reason}: no model registered"))
         return None
     config = result.config
     if config.half_weights:

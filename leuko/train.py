@@ -40,7 +40,12 @@ from leuko.tasks import Task, get_task
 
 @dataclass
 class TrainResult:
-    """The trained network (best validation-loss weights) and how it got there."""
+    """The trained network (best validation-loss weights) and how it got there.
+
+    ``best_epoch`` is 0 when no epoch was validated (the run was stopped before the first one
+    finished) or none gave a finite validation loss: ``network`` then holds no weights worth
+    keeping.
+    """
 
     network: LeukoNet
     config: TrainConfig
@@ -215,7 +220,7 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
     """Train ``config.arch`` on ``config.task`` and return the best-validation-loss network.
 
     ``should_stop`` is polled between steps, so a user interface can cancel a run; the best
-    weights so far are returned.
+    weights so far are returned, and ``best_epoch`` is 0 when it stopped before any.
     """
     config = resolve_config(config)
     task = get_task(config.task)
@@ -287,7 +292,7 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
 
     result = TrainResult(network=network, config=config, input_config=input_config, run_dir=run_dir, rank=rank)
     start_epoch, stale_epochs, previous_elapsed = 1, 0, 0.0
-    best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    best_state: dict[str, torch.Tensor] | None = None
     optimizer, scheduler = start_phase(phase_of(1))
     if config.resume and (run_dir / "state.json").is_file():
         payload = json.loads((run_dir / "state.json").read_text())
@@ -339,7 +344,8 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
             emit(ProgressEvent("step", epoch=epoch, epochs=config.epochs, step=step, steps=steps,
                                loss=loss.item(), elapsed_s=time.perf_counter() - started))
         if cancelled:
-            emit(ProgressEvent("message", message="training cancelled; keeping the best weights so far"))
+            emit(ProgressEvent("message", message="training stopped; keeping the best weights so far"
+                               if best_state is not None else "training stopped before the first epoch finished"))
             break
         val_logits, val_labels = collect_logits(network, val_loader, device)
         val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
@@ -377,7 +383,8 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
             result.stopped_early = True
             emit(ProgressEvent("message", message=f"early stop: no validation-loss gain for {stale_epochs} epochs"))
             break
-    network.load_state_dict(best_state)
+    if best_state is not None:
+        network.load_state_dict(best_state)
     network.freeze_backbone(False)
     network.freeze_early_stages(0)
     for parameter in network.parameters():

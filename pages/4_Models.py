@@ -3,7 +3,7 @@
 import streamlit as st
 
 from leuko.modelstore import ModelStore
-from leuko.ui.auth import login_section
+from leuko.ui.auth import current_user, login_section
 from leuko.ui.models import card_section, default_chooser
 from leuko.ui.status import model_status_section
 
@@ -12,7 +12,7 @@ st.title("Models")
 model_status_section()
 store = ModelStore()
 st.subheader("Default model per task")
-default_chooser(store)
+default_chooser(store, current_user())
 st.subheader("Model cards")
 for card in store.cards():
     card_section(card, store)

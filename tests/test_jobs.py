@@ -5,8 +5,11 @@ import time
 import pytest
 
 from leuko.config import TrainConfig
-from leuko.jobs import Job, find_report, list_jobs, start_training
+from leuko.jobs import Job, export_reviewed_crops, find_report, list_jobs, start_training
 from leuko.modelstore import ModelStore
+from leuko.store import CaseStore, StoreUnavailableError
+from tests.test_modelstore import _save
+from tests.test_store import crop
 
 
 def _wait(job: Job, condition, timeout: float = 240.0) -> None:
@@ -50,3 +53,61 @@ def test_cancel_ends_a_job_at_once_and_registers_nothing(binary_folder, leuko_ho
     _wait(job, lambda j: j.state() != "running", 60)
     assert job.state() == "cancelled" and job.model_id() is None
     assert not (leuko_home / "models").is_dir() or not list((leuko_home / "models").glob("*.json"))
+
+
+def test_stop_before_the_first_epoch_registers_nothing_and_says_why(binary_folder, leuko_home):
+    job = start_training(_config(binary_folder, 500))
+    job.stop()
+    _wait(job, lambda j: j.state() != "running")
+    assert job.state() == "stopped" and job.model_id() is None, job.log_tail()
+    assert job.no_model_reason() == "stopped before the first epoch finished: no model registered"
+    assert not list((leuko_home / "models").glob("*.json"))
+
+
+def test_a_taken_model_id_is_refused_before_a_job_starts(binary_folder, leuko_home):
+    with pytest.raises(ValueError, match=r"another task \(wbc_type\)"):
+        start_training(_config(binary_folder, 1).with_overrides(model_id="wbc_type-lite0"))
+    _save(ModelStore(), "mine")
+    with pytest.raises(ValueError, match="exists already"):
+        start_training(_config(binary_folder, 1).with_overrides(model_id="mine"))
+    assert list_jobs() == []
+    job = start_training(_config(binary_folder, 1).with_overrides(model_id="mine"), replace=True)
+    job.kill()
+    _wait(job, lambda j: j.state() != "running", 60)
+    assert job.config.model_id == "mine"
+
+
+def _signed_crops(home, count: int) -> CaseStore:
+    store = CaseStore(home=home)
+    store.create_user("rita", "reviewer-pass", "reviewer")
+    case_id = store.save_case("SIGNED", "rita", [crop(seed) for seed in range(count)])
+    for image in store.case(case_id).images:
+        store.review(image.id, "rita", "ALL")
+    store.sign_off(case_id, "rita")
+    return store
+
+
+def test_reviewed_crops_are_exported_from_ten_on(tmp_path):
+    store = _signed_crops(tmp_path / "home", 10)
+    assert export_reviewed_crops(store, "all_binary", tmp_path / "data") == 10
+    assert len((tmp_path / "data" / "manifest.csv").read_text().splitlines()) == 11
+    store.close()
+
+
+def test_too_few_reviewed_crops_are_refused_and_leave_no_copies(tmp_path):
+    store = _signed_crops(tmp_path / "home", 9)
+    with pytest.raises(ValueError, match="only 9 crop"):
+        export_reviewed_crops(store, "all_binary", tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    store.close()
+
+
+def test_an_unavailable_case_log_is_passed_on_and_leaves_no_folder(tmp_path):
+    class Unavailable:
+        def list_cases(self, *args, **kwargs):
+            raise StoreUnavailableError("the case database cannot be reached")
+
+    (tmp_path / "data").mkdir()
+    with pytest.raises(StoreUnavailableError, match="cannot be reached"):
+        export_reviewed_crops(Unavailable(), "all_binary", tmp_path / "data")
+    assert not (tmp_path / "data").exists()

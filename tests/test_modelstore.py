@@ -98,3 +98,27 @@ def test_retraining_the_default_under_its_id_keeps_it_the_default(tmp_path):
     _save(store, "shipped-default")
     assert store.locate("shipped-default")[0].default
     assert store.default_id("all_binary") == "shipped-default"
+
+
+def test_an_id_of_another_tasks_model_is_refused_even_in_another_store_folder(tmp_path):
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    _save(ModelStore([shipped]), "wbc_type-lite0", task="wbc_type", default=True)
+    store = ModelStore([user, shipped])
+    with pytest.raises(ValueError, match=r"another task \(wbc_type\)"):
+        _save(store, "wbc_type-lite0", task="ball_subtype")
+    assert not user.exists() and store.locate("wbc_type-lite0")[0].task == "wbc_type"
+    assert store.default_id("wbc_type") == "wbc_type-lite0"
+
+
+def test_a_taken_id_needs_an_explicit_replace_for_the_same_task(tmp_path):
+    store = ModelStore([tmp_path / "user", tmp_path / "shipped"])
+    _save(ModelStore([tmp_path / "shipped"]), "mine")
+    store.check_new_id("new-one", "all_binary")
+    with pytest.raises(ValueError, match="exists already"):
+        store.check_new_id("mine", "all_binary")
+    store.check_new_id("mine", "all_binary", replace=True)
+    with pytest.raises(ValueError, match=r"another task \(all_binary\)"):
+        store.check_new_id("mine", "wbc_type", replace=True)
+    with pytest.raises(ValueError, match="model id"):
+        store.check_new_id("../escape", "all_binary", replace=True)
+    assert store.existing("mine").task == "all_binary" and store.existing("new-one") is None

@@ -174,8 +174,8 @@ def test_sign_off_is_refused_while_an_image_is_unreviewed(leuko_home, examples, 
     assert "still need review" in app.error[0].value
 
 
-def test_models_page_shows_cards_and_changes_the_default(leuko_home):
-    app = page("4_Models.py")
+def test_models_page_shows_cards_and_changes_the_default(leuko_home, accounts):
+    app = page("4_Models.py", accounts["rita"])
     assert not app.exception and len(app.expander) == len(ModelStore().cards())
     chooser = next((s for s in app.selectbox if s.label == "Default for all_binary"), None)
     assert chooser is not None

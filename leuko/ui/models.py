@@ -7,6 +7,7 @@ import streamlit as st
 
 from leuko.jobs import find_report
 from leuko.modelstore import ModelCard, ModelStore
+from leuko.store.service import SIGNING_ROLES
 from leuko.tasks import TASKS
 from leuko.ui.charts import confusion_heatmap
 
@@ -49,14 +50,25 @@ def card_section(card: ModelCard, store: ModelStore) -> None:
         st.markdown(f"**Limitations** {card.limitations}")
 
 
-def default_chooser(store: ModelStore) -> None:
-    """Per task, choose the model the Analyze page and the CLI use by default."""
+def may_change_default(user: dict | None) -> bool:
+    """Whether ``user`` may choose a task's default model: like signing off a case, which the
+    default model's results feed, it needs a signed-in reviewer or admin."""
+    return user is not None and user.get("role") in SIGNING_ROLES
+
+
+def default_chooser(store: ModelStore, user: dict | None) -> None:
+    """Per task, choose the model the Analyze page and the CLI use by default; read-only
+    unless ``user`` may change it (:func:`may_change_default`)."""
+    allowed = may_change_default(user)
+    if not allowed:
+        st.caption("Sign in (sidebar) as a reviewer or admin to change the default models.")
     for task in [*TASKS, "segmentation"]:
         ids = [c.id for c in store.cards(task)]
         if len(ids) < 2:
             continue
         current = store.default_id(task)
-        chosen = st.selectbox(f"Default for {task}", ids, index=ids.index(current), key=f"default_{task}")
-        if chosen != current:
+        chosen = st.selectbox(f"Default for {task}", ids, index=ids.index(current), key=f"default_{task}",
+                              disabled=not allowed)
+        if allowed and chosen != current:
             store.set_default(task, chosen)
             st.success(f"{chosen} is now the default for {task}.")

@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from leuko.config import OPTIMIZERS, TrainConfig
-from leuko.jobs import Job, list_jobs, start_training
+from leuko.jobs import Job, export_reviewed_crops, list_jobs, start_training
 from leuko.modelstore import ModelStore
 from leuko.nets import ARCHITECTURES
 from leuko.paths import REPO_ROOT, default_data_root
 from leuko.preprocess import PreprocessConfig
-from leuko.store.export import export_dataset
+from leuko.store import StoreUnavailableError
 from leuko.tasks import TASKS
-from leuko.ui.auth import case_store
+from leuko.ui.auth import case_store, current_user
 from leuko.ui.charts import confusion_heatmap, training_curves
+from leuko.ui.models import may_change_default
 
 PRESETS_DIR = REPO_ROOT / "configs"
 DATA_SOURCES = ("Shared manifest", "Folder of class sub-folders", "Reviewed cases")
@@ -55,6 +56,43 @@ def _data_settings(task: str, source: str) -> dict | None:
     return {"export_reviewed": True}
 
 
+def _reviewed_crops(task: str) -> dict | None:
+    """Export the task's crops from signed-off cases for training: their data settings, or
+    ``None`` with the reason shown when the case log is unavailable or holds too few."""
+    try:
+        store = case_store()
+        folder = Path(tempfile.mkdtemp(prefix="leuko-reviewed-"))
+        export_reviewed_crops(store, task, folder)
+    except StoreUnavailableError as exc:
+        st.error(f"The case log is unavailable: {exc}. Training was not started; try again when it is back.")
+        return None
+    except ValueError as exc:
+        st.error(f"Training was not started: {exc}.")
+        return None
+    return {"data_root": str(folder), "folder": None}
+
+
+def _model_id_choice(task: str) -> tuple[str | None, bool] | None:
+    """The typed model id (``None``: generated) and whether it replaces this task's model of
+    that id; ``None`` while the id cannot be used: it is invalid, another task's model has it,
+    or this task's has it and replacing that one is not ticked."""
+    model_id = st.text_input("Model id (empty: generated)", key="train_model_id").strip()
+    if not model_id:
+        return None, False
+    store = ModelStore()
+    try:
+        store.check_new_id(model_id, task, replace=True)
+    except ValueError as exc:
+        st.error(str(exc))
+        return None
+    if store.existing(model_id) is None:
+        return model_id, False
+    if st.checkbox(f"Replace the existing model {model_id} (retrain it under its id)", key=f"replace_{model_id}"):
+        return model_id, True
+    st.caption(f"A {task} model {model_id} exists already: tick the box to replace it, or choose another id.")
+    return None
+
+
 def training_form() -> None:
     """Task, data, architecture, recipe preset and settings; starts a background job."""
     task = st.selectbox("Task", list(TASKS), format_func=lambda t: TASKS[t].title, key="train_task")
@@ -64,6 +102,7 @@ def training_form() -> None:
     preset_name = st.selectbox("Recipe preset", ["architecture defaults", *recipes])
     preset = recipes.get(preset_name) or TrainConfig(task=task, input_size=160, epochs=5, freeze_stages=2,
                                                      scheduler="cosine")
+    id_choice = _model_id_choice(task)
     names = sorted(ARCHITECTURES)
     with st.form("train"):
         left, right = st.columns(2)
@@ -77,7 +116,6 @@ def training_form() -> None:
         lr = right.number_input("Learning rate", 1e-6, 1.0, preset.lr or spec.recipe.lr, format="%.6f")
         freeze = right.number_input("Frozen early stages", 0, 6, preset.freeze_stages)
         scheduler = right.selectbox("Schedule", ["cosine", "plateau"], index=["cosine", "plateau"].index(preset.scheduler))
-        model_id = right.text_input("Model id (empty: generated)")
         preprocess = preset.preprocess or PreprocessConfig()
         normalise = left.checkbox("Stain normalisation (Reinhard, to PBC's colours)",
                                   preprocess.stain_normalization == "reinhard",
@@ -96,25 +134,26 @@ def training_form() -> None:
                                  help="Replaces the smear around the cell in this share of training crops, so "
                                       "the model learns from the cell, not from the lab's background. Crops "
                                       "without an annotated mask are segmented once first.")
-        start = st.form_submit_button("Start training", type="primary", disabled=data is None)
-    if not start or data is None:
+        start = st.form_submit_button("Start training", type="primary", disabled=data is None or id_choice is None)
+    if not start or data is None or id_choice is None:
         return
+    model_id, replace = id_choice
     if data.pop("export_reviewed", False):
-        folder = Path(tempfile.mkdtemp(prefix="leuko-reviewed-"))
-        manifest = export_dataset(case_store(), folder, task)
-        if len(manifest.read_text().splitlines()) < 12:
-            st.error("Fewer than ten crops of this task in signed-off cases: review and sign more cases "
-                     "before training on them.")
+        data = _reviewed_crops(task)
+        if data is None:
             return
-        data = {"data_root": str(folder), "folder": None}
-    settings = {**preset.to_dict(), **data, "task": task, "arch": arch, "epochs": int(epochs),
-                "batch_size": int(batch), "input_size": int(size), "optimizer": optimizer, "lr": float(lr),
-                "freeze_stages": int(freeze), "scheduler": scheduler, "model_id": model_id or None, "resume": False,
-                "preprocess": {**asdict(preprocess), "stain_normalization": "reinhard" if normalise else "none"},
-                "zoom_range": None if zoom == (1.0, 1.0) else zoom, "colour_invariance": bool(colour),
-                "view_zoom": float(view),
-                "background_replacement": float(background)}
-    job = start_training(TrainConfig.from_dict(settings))
+    stain = "reinhard" if normalise else "none"
+    config = dataclasses.replace(
+        preset, **data, task=task, arch=arch, epochs=int(epochs), batch_size=int(batch), input_size=int(size),
+        optimizer=optimizer, lr=float(lr), freeze_stages=int(freeze), scheduler=scheduler, model_id=model_id,
+        resume=False, preprocess=dataclasses.replace(preprocess, stain_normalization=stain),
+        zoom_range=None if zoom == (1.0, 1.0) else zoom, colour_invariance=bool(colour), view_zoom=float(view),
+        background_replacement=float(background))
+    try:
+        job = start_training(config, replace=replace)
+    except ValueError as exc:
+        st.error(f"Training was not started: {exc}.")
+        return
     st.session_state["train_job"] = job.id
     st.success(f"Training started (job {job.id}). It runs in the background; you can leave this page.")
 
@@ -133,16 +172,20 @@ def _job_choice() -> Job | None:
 
 @st.fragment(run_every=2.0)
 def job_view() -> None:
-    """The chosen job's state, progress, curves and log; refreshes itself every 2 s."""
+    """The chosen job's state, progress, curves and log; refreshes itself every 2 s. Stopping or
+    cancelling a job needs a signed-in user, read on each refresh."""
     job = _job_choice()
     if job is None:
         return
+    user = current_user()
     state = job.state()
     st.progress(job.fraction_done(), text=f"{job.id}: {state}")
     history = job.history()
     if history:
         st.plotly_chart(training_curves(history), key=f"curves_{job.id}_{len(history)}")
-    if state == "running":
+    if state == "running" and user is None:
+        st.caption("Sign in (sidebar) to stop or cancel a training job.")
+    elif state == "running":
         left, right = st.columns(2)
         if left.button("Stop (keep the best weights so far)"):
             job.stop()
@@ -150,14 +193,18 @@ def job_view() -> None:
             job.kill()
     with st.expander("Log"):
         st.code(job.log_tail() or "(empty)")
-    if state in ("finished", "stopped"):
-        job_evaluation(job)
+    no_model = job.no_model_reason()
+    if no_model:
+        st.warning(f"{no_model[:1].upper()}{no_model[1:]}.")
+    elif state in ("finished", "stopped"):
+        job_evaluation(job, user)
     elif state in ("failed", "interrupted", "cancelled"):
         st.error(f"The job {state}. The end of its log says why.")
 
 
-def job_evaluation(job: Job) -> None:
-    """The registered model's test evaluation and a button to make it the task's default."""
+def job_evaluation(job: Job, user: dict | None) -> None:
+    """The registered model's test evaluation and, for a ``user`` who may change the default
+    model (a signed-in reviewer or admin), a button to make it the task's default."""
     report_path = job.report_dir / "metrics.json"
     if not report_path.is_file():
         return
@@ -169,6 +216,8 @@ def job_evaluation(job: Job) -> None:
     left, right = st.columns(2)
     left.plotly_chart(confusion_heatmap(metrics["confusion_matrix"], metrics["classes"]), key=f"cm_{job.id}")
     right.image([str(job.report_dir / f"{name}.png") for name in ("roc", "pr", "reliability")], width=260)
-    if st.button("Make it the default model for its task"):
+    if not may_change_default(user):
+        st.caption("Sign in (sidebar) as a reviewer or admin to make it the default model for its task.")
+    elif st.button("Make it the default model for its task"):
         ModelStore().set_default(report["task"], report["model"])
         st.success(f"{report['model']} is now the default for {report['task']}.")

@@ -1,0 +1,162 @@
+"""The Train and Models pages' controls: who may stop jobs and change default models, taken
+model ids, training on reviewed cases, and a job stopped before it trained anything."""
+
+import json
+import subprocess
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from leuko.calibration import calibrated_probabilities
+from leuko.evaluate import metrics_from_logits, write_report
+from leuko.jobs import list_jobs
+from leuko.metrics import reliability_curve, roc_pr_curves
+from leuko.modelstore import ModelStore
+from leuko.progress import ProgressEvent
+from leuko.store import CaseStore
+from tests.test_pages import page
+from tests.test_store import crop
+
+REVIEWER = {"name": "rita", "role": "reviewer"}
+ANALYST = {"name": "ann", "role": "analyst"}
+MAKE_DEFAULT = "Make it the default model for its task"
+OTHER_ALL_MODEL = "all_binary-fusion_lite0-simulated"
+
+
+def _job(home: Path, name: str, *, exit_code: int | None = 0, stopped: bool = False, pid: int | None = None,
+         messages: tuple[str, ...] = (), reported_model: str | None = None) -> Path:
+    """A job folder as a training process leaves it."""
+    folder = home / "jobs" / name
+    folder.mkdir(parents=True)
+    (folder / "log.txt").write_text("")
+    (folder / "events.jsonl").write_text("".join(json.dumps(asdict(ProgressEvent("message", message=m))) + "\n"
+                                                 for m in messages))
+    if exit_code is not None:
+        (folder / "exit_code").write_text(f"{exit_code}\n")
+    if pid is not None:
+        (folder / "pid").write_text(str(pid))
+    if stopped:
+        (folder / "stop").touch()
+    if reported_model:
+        labels = np.array([0, 1] * 8)
+        logits = np.random.default_rng(0).normal(size=(16, 2))
+        probs = calibrated_probabilities(logits, 1.0)
+        write_report({"model": reported_model, "task": "all_binary",
+                      "metrics": metrics_from_logits(logits, labels, "all_binary", 1.0),
+                      "curves": roc_pr_curves(labels, probs, ["ALL", "normal"]),
+                      "reliability": reliability_curve(labels, probs)}, folder / "report")
+    return folder
+
+
+def _labels(app) -> list[str]:
+    return [b.label for b in app.button]
+
+
+def test_a_job_stopped_before_its_first_epoch_says_so_and_offers_no_default(leuko_home):
+    _job(leuko_home, "all_binary-stopped", stopped=True,
+         messages=("training stopped before the first epoch finished",
+                   "stopped before the first epoch finished: no model registered"))
+    app = page("3_Train.py", REVIEWER)
+    assert not app.exception
+    assert [w.value for w in app.warning] == ["Stopped before the first epoch finished: no model registered."]
+    assert MAKE_DEFAULT not in _labels(app)
+
+
+def test_only_a_signed_in_user_may_stop_or_cancel_a_job(leuko_home):
+    process = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        folder = _job(leuko_home, "all_binary-running", exit_code=None, pid=process.pid)
+        app = page("3_Train.py")
+        assert not app.exception and not [b for b in _labels(app) if b.startswith(("Stop", "Cancel"))]
+        assert any("to stop or cancel" in c.value for c in app.caption)
+        app = page("3_Train.py", ANALYST)
+        next(b for b in app.button if b.label.startswith("Stop")).click().run()
+        assert (folder / "stop").exists() and "Cancel (register nothing)" in _labels(app)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_only_a_reviewer_may_make_a_trained_model_the_default(leuko_home):
+    _job(leuko_home, "all_binary-finished", reported_model=OTHER_ALL_MODEL)
+    for user in (None, ANALYST):
+        app = page("3_Train.py", user)
+        assert not app.exception and MAKE_DEFAULT not in _labels(app)
+        assert any("as a reviewer or admin" in c.value for c in app.caption)
+    app = page("3_Train.py", REVIEWER)
+    next(b for b in app.button if b.label == MAKE_DEFAULT).click().run()
+    assert ModelStore().default_id("all_binary") == OTHER_ALL_MODEL
+
+
+def test_the_default_models_are_read_only_unless_a_reviewer_is_signed_in(leuko_home):
+    default = ModelStore().default_id("all_binary")
+    for user in (None, ANALYST):
+        app = page("4_Models.py", user)
+        chooser = next(s for s in app.selectbox if s.label == "Default for all_binary")
+        assert chooser.disabled and any("as a reviewer or admin" in c.value for c in app.caption)
+    assert not page("4_Models.py", REVIEWER).selectbox[0].disabled
+    assert ModelStore().default_id("all_binary") == default
+
+
+def _folder_source(app, folder: Path):
+    app.radio[0].set_value("Folder of class sub-folders").run()
+    next(t for t in app.text_input if t.label.startswith("Folder (class")).set_value(str(folder)).run()
+    return app
+
+
+def _start_button(app):
+    return next(b for b in app.button if b.label == "Start training")
+
+
+def test_a_taken_model_id_is_refused_and_a_same_task_one_replaced_only_when_ticked(leuko_home, binary_folder):
+    app = _folder_source(page("3_Train.py", REVIEWER), binary_folder)
+    model_id = next(t for t in app.text_input if t.label == "Model id (empty: generated)")
+    model_id.set_value("wbc_type-lite0").run()
+    assert "another task (wbc_type)" in app.error[0].value and _start_button(app).disabled
+    next(t for t in app.text_input if t.label == "Model id (empty: generated)").set_value("all_binary-lite0").run()
+    assert not app.error and _start_button(app).disabled
+    next(c for c in app.checkbox if c.label.startswith("Replace the existing model all_binary-lite0")).check().run()
+    _start_button(app).click().run()
+    assert "Training started" in app.success[0].value
+    job = list_jobs()[0]
+    assert job.config.model_id == "all_binary-lite0"
+    job.kill()
+
+
+def _sign_crops(home: Path, reference: str, seeds: range) -> None:
+    store = CaseStore(home=home)
+    if store.role_of("rita") is None:
+        store.create_user("rita", "reviewer-pass", "reviewer")
+    case_id = store.save_case(reference, "rita", [crop(seed) for seed in seeds])
+    for image in store.case(case_id).images:
+        store.review(image.id, "rita", "ALL")
+    store.sign_off(case_id, "rita")
+    store.close()
+
+
+def _reviewed_source(app):
+    app.radio[0].set_value("Reviewed cases").run()
+    _start_button(app).click().run()
+    return app
+
+
+def test_reviewed_cases_train_from_ten_crops_and_fewer_leave_no_copies(leuko_home, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    _sign_crops(leuko_home, "NINE", range(9))
+    app = _reviewed_source(page("3_Train.py", REVIEWER))
+    assert not app.exception and "only 9 crop(s)" in app.error[0].value
+    assert not list(tmp_path.glob("leuko-reviewed-*"))
+    _sign_crops(leuko_home, "TENTH", range(9, 10))
+    app = _reviewed_source(page("3_Train.py", REVIEWER))
+    assert not app.error and "Training started" in app.success[0].value
+    list_jobs()[0].kill()
+
+
+def test_an_unavailable_case_log_is_reported_when_training_on_reviewed_cases(leuko_home, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("LEUKO_DB_URL", "postgresql+psycopg://leuko@127.0.0.1:9/none")
+    app = _reviewed_source(page("3_Train.py", REVIEWER))
+    assert not app.exception and "The case log is unavailable" in app.error[0].value
+    assert not list(tmp_path.glob("leuko-reviewed-*"))
