@@ -112,7 +112,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from leuko.modelstore import ModelIntegrityError, ModelStore
+    from leuko.modelstore import ModelStore
 
     store = ModelStore()
     if args.set_default:
@@ -120,28 +120,22 @@ def _models(args: argparse.Namespace) -> int:
         store.set_default(card.task, card.id)
         print(f"{card.id} is now the default for {card.task}")
         return 0
-    cards = store.cards(args.task)
     if args.json:
-        print(json.dumps([c.__dict__ for c in cards], indent=2))
+        print(json.dumps([c.__dict__ for c in store.cards(args.task)], indent=2))
         return 0
-    if not cards:
+    rows = store.status(args.task)
+    if not rows:
         print("no models installed" + (f" for {args.task}" if args.task else ""))
         return 0
-    defaults = {}
-    for task in {c.task for c in cards}:
-        defaults[task] = store.default_id(task)
     print(f"{'id':<44}{'task':<14}{'arch':<22}{'test acc':>9}{'T':>7}  status")
-    failures = 0
-    for card in cards:
+    for entry in rows:
+        card = entry.card
         test = card.metrics.get("test", {})
-        try:
-            store.verify(card.id)
-            status = "ok"
-        except ModelIntegrityError as exc:
-            status, failures = f"BROKEN: {exc}", failures + 1
-        mark = " (default)" if defaults.get(card.task) == card.id else ""
         accuracy = f"{test['accuracy']:.3f}" if "accuracy" in test else "-"
-        print(f"{card.id:<44}{card.task:<14}{card.arch:<22}{accuracy:>9}{card.temperature:>7.2f}  {status}{mark}")
+        status = "ok" if entry.problem is None else f"BROKEN: {entry.problem}"
+        print(f"{card.id:<44}{card.task:<14}{card.arch:<22}{accuracy:>9}{card.temperature:>7.2f}  {status}"
+              + (" (default)" if entry.default else ""))
+    failures = sum(entry.problem is not None for entry in rows)
     return 1 if failures and args.check else 0
 
 
@@ -287,17 +281,17 @@ def _store(args: argparse.Namespace) -> int:
             print(f"missing file (row kept): {path}")
         for path in report.orphan_files:
             print(f"{'removed' if args.repair else 'orphan'} file: {path}")
+        for path in report.recent_files:
+            print(f"recent unreferenced file (kept: a save may be in progress): {path}")
         print("store consistent" if report.ok else
               f"{len(report.orphan_files)} orphan file(s), {len(report.missing_files)} missing file(s)")
         return 0 if report.ok or (args.repair and not report.missing_files) else 1
-    if args.action == "add-user":
-        import getpass
+    import getpass
 
-        password = getpass.getpass(f"password for {args.username}: ")
-        store.create_user(args.username, password, args.role, actor="cli")
-        print(f"created {args.role} {args.username}")
-        return 0
-    return 2
+    password = getpass.getpass(f"password for {args.username}: ")
+    store.create_user(args.username, password, args.role, actor="cli")
+    print(f"created {args.role} {args.username}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,10 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_bench)
 
     store = sub.add_parser("store", help="the case log: consistency check and repair, accounts")
-    store.add_argument("action", choices=["check", "add-user"])
-    store.add_argument("--repair", action="store_true", help="check: delete files no case refers to")
-    store.add_argument("--username")
-    store.add_argument("--role", choices=["analyst", "reviewer", "admin"], default="analyst")
+    store_actions = store.add_subparsers(dest="action", required=True)
+    store_check = store_actions.add_parser("check", help="find files no case refers to and cases missing a file")
+    store_check.add_argument("--repair", action="store_true",
+                             help="delete files no case refers to (except recent ones a save may still need)")
+    add_user = store_actions.add_parser("add-user", help="create a local account (the password is asked for)")
+    add_user.add_argument("--username", required=True)
+    add_user.add_argument("--role", choices=["analyst", "reviewer", "admin"], default="analyst")
     store.set_defaults(handler=_store)
 
     models = sub.add_parser("models", help="list installed models and check their integrity")

@@ -92,11 +92,20 @@ class ModelCard:
 
 @dataclass
 class LoadedModel:
-    """A model in memory with its card and the folder it was loaded from."""
+    """A model in memory with its card."""
 
     card: ModelCard
     network: torch.nn.Module
-    folder: Path
+
+
+@dataclass
+class ModelStatus:
+    """An installed model as the Home page and ``models`` command list it: its card, why its
+    weights are refused (``None``: they match the card) and whether it is its task's default."""
+
+    card: ModelCard
+    problem: str | None
+    default: bool
 
 
 def hardware_description() -> str:
@@ -249,6 +258,21 @@ class ModelStore:
                 "refusing to load it")
         return card
 
+    def status(self, task: str | None = None) -> list[ModelStatus]:
+        """Every installed model (of ``task``, or all), its weights checked against its card."""
+        defaults: dict[str, str] = {}
+        rows = []
+        for card in self.cards(task):
+            if card.task not in defaults:
+                defaults[card.task] = self.default_id(card.task)
+            try:
+                self.verify(card.id)
+                problem = None
+            except ModelIntegrityError as exc:
+                problem = str(exc)
+            rows.append(ModelStatus(card, problem, defaults[card.task] == card.id))
+        return rows
+
     def load(self, model_id: str | None = None, task: str | None = None) -> LoadedModel:
         """Verify and load a model by id (or the task's default) onto the CPU, in eval mode."""
         if model_id is None:
@@ -270,7 +294,7 @@ class ModelStore:
             raise ModelIntegrityError(f"weights of {model_id!r} do not fit architecture "
                                       f"{card.arch!r}: {exc}") from exc
         network.pretrained_source = card.pretrained_source
-        return LoadedModel(card, network.eval(), folder)
+        return LoadedModel(card, network.eval())
 
 
 def _read_card(path: Path) -> ModelCard | None:

@@ -55,7 +55,7 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
                      pretrained_source=result.network.pretrained_source, default=make_default)
     card.training["history"] = result.history
     card.training["best_epoch"] = result.best_epoch
-    loaded = LoadedModel(card, result.network.eval(), Path("."))
+    loaded = LoadedModel(card, result.network.eval())
     splits = {"train": list({s.path: s for s in load_training_samples(config, task)}.values()),
               **{split: load_split(config, task, split) for split in ("val", "test")}}
     for listener in callbacks:

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from leuko.device import describe_device, pick_device
-from leuko.modelstore import ModelIntegrityError, ModelStore
+from leuko.modelstore import ModelStore
 from leuko.onnx_backend import RUNTIME_NAMES, choose_runtime
 
 
@@ -34,18 +34,13 @@ def database_summary() -> str:
 
 def model_status_table(store: ModelStore | None = None) -> pd.DataFrame:
     """One row per installed model: task, architecture, test accuracy, integrity, default."""
-    store = store or ModelStore()
     rows = []
-    for card in store.cards():
-        try:
-            store.verify(card.id)
-            status = "ok"
-        except ModelIntegrityError as exc:
-            status = f"refused: {exc}"
-        test = card.metrics.get("test", {}) if isinstance(card.metrics.get("test"), dict) else {}
+    for entry in (store or ModelStore()).status():
+        card = entry.card
+        test = card.metrics.get("test") if isinstance(card.metrics.get("test"), dict) else {}
         rows.append({"model": card.id, "task": card.task, "architecture": card.arch,
-                     "test accuracy": test.get("accuracy"), "test MCC": test.get("mcc"),
-                     "default": store.default_id(card.task) == card.id, "integrity": status})
+                     "test accuracy": test.get("accuracy"), "test MCC": test.get("mcc"), "default": entry.default,
+                     "integrity": "ok" if entry.problem is None else f"refused: {entry.problem}"})
     return pd.DataFrame(rows)
 
 
