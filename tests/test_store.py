@@ -17,6 +17,7 @@ from leuko.data import read_manifest
 from leuko.store import (CaseFilter, CaseStore, CellEntry, ImageEntry, PermissionDenied, PredictionEntry, StoreError)
 from leuko.store.export import case_pdf, cases_csv, export_dataset, safe_cell
 from leuko.store.models import AuditEvent
+from leuko.store.service import REPAIR_MIN_AGE_S
 from leuko.tasks import get_task
 from tests.conftest import synthetic_cell
 
@@ -234,8 +235,11 @@ def test_a_writer_killed_mid_save_leaves_no_broken_rows(store, store_url, tmp_pa
     process.wait()
     report = store.check()
     assert report.missing_files == []
+    long_ago = time.time() - REPAIR_MIN_AGE_S - 60
+    for relative in report.recent_files:
+        os.utime(store.files.path(relative), (long_ago, long_ago))
     repaired = store.check(repair=True)
-    assert store.check().ok and repaired.repaired
+    assert store.check().ok and repaired.repaired and repaired.recent_files == []
     rows, total = store.list_cases(CaseFilter(reference="K-"), page_size=10**6)
     assert total >= 5
     for row in rows:
@@ -283,6 +287,10 @@ def test_store_check_command(tmp_path, monkeypatch, capsys):
     local.save_case("CLI-1", "adam", [crop(1)])
     (local.files.root / "ab").mkdir(parents=True, exist_ok=True)
     (local.files.root / "ab" / "orphan.png").write_bytes(b"x")
+    assert main(["store", "check"]) == 0
+    assert "recent unreferenced file (kept: a save may be in progress): ab/orphan.png" in capsys.readouterr().out
+    long_ago = time.time() - REPAIR_MIN_AGE_S - 60
+    os.utime(local.files.root / "ab" / "orphan.png", (long_ago, long_ago))
     assert main(["store", "check"]) == 1
     assert "orphan file: ab/orphan.png" in capsys.readouterr().out
     assert main(["store", "check", "--repair"]) == 0

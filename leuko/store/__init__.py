@@ -1,8 +1,9 @@
 """The case log: SQLAlchemy store (SQLite by default, PostgreSQL for teams), files, exports."""
 
 from leuko.store.db import StoreUnavailableError
+from leuko.store.models import REFERENCE_MAX_CHARS
 from leuko.store.service import (CaseFilter, CaseStore, CellEntry, ConsistencyReport, ImageEntry, PermissionDenied,
                                  PredictionEntry, StoreError)
 
-__all__ = ["CaseFilter", "CaseStore", "CellEntry", "ConsistencyReport", "ImageEntry", "PermissionDenied",
-           "PredictionEntry", "StoreError", "StoreUnavailableError"]
+__all__ = ["REFERENCE_MAX_CHARS", "CaseFilter", "CaseStore", "CellEntry", "ConsistencyReport", "ImageEntry",
+           "PermissionDenied", "PredictionEntry", "StoreError", "StoreUnavailableError"]

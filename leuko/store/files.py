@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from contextlib import suppress
 from pathlib import Path
+from typing import Iterable
 
 
 class FileStore:
@@ -23,13 +25,16 @@ class FileStore:
         return self.root / relative
 
     def put(self, data: bytes, suffix: str, created: list[str] | None = None) -> tuple[str, str]:
-        """Store ``data``; returns (relative path, sha256). Storing the same bytes twice is a
-        no-op; paths written by this call are appended to ``created`` (for clean-up)."""
+        """Store ``data``; returns (relative path, sha256). Storing the same bytes twice only
+        refreshes the file's modification time, so that a consistency repair sees it as in use
+        by a save in progress; paths written by this call are appended to ``created``."""
         digest = hashlib.sha256(data).hexdigest()
         relative = f"{digest[:2]}/{digest}{suffix}"
         target = self.root / relative
-        if target.is_file() and target.stat().st_size == len(data):
-            return relative, digest
+        with suppress(FileNotFoundError):
+            if target.is_file() and target.stat().st_size == len(data):
+                os.utime(target)
+                return relative, digest
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
         try:
@@ -45,13 +50,21 @@ class FileStore:
             created.append(relative)
         return relative, digest
 
-    def discard(self, relatives: list[str]) -> None:
-        """Delete files this process just created for a save that did not commit."""
+    def discard(self, relatives: Iterable[str]) -> None:
+        """Delete these files; the caller has made sure that no committed row refers to them."""
         for relative in relatives:
             (self.root / relative).unlink(missing_ok=True)
 
-    def all_files(self) -> set[str]:
-        """Relative paths of every stored file (partial temporaries included)."""
+    def all_files(self) -> dict[str, float]:
+        """Every stored file (partial temporaries included): relative path to modification
+        time (seconds since the epoch). A file that vanishes while being listed is left out."""
         if not self.root.is_dir():
-            return set()
-        return {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}
+            return {}
+        found = {}
+        for path in self.root.rglob("*"):
+            try:
+                if path.is_file():
+                    found[path.relative_to(self.root).as_posix()] = path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+        return found

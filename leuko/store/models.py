@@ -11,6 +11,14 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, Stri
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
+USERNAME_MAX_CHARS = 64
+"""Longest account name the ``users`` table holds."""
+REFERENCE_MAX_CHARS = 64
+"""Longest case reference the ``cases`` table holds (PostgreSQL refuses longer ones)."""
+NAME_MAX_CHARS = 255
+"""Longest original file name an ``images`` row holds."""
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -24,7 +32,7 @@ class User(Base):
 
     __tablename__ = "users"
     id: Mapped[int] = mapped_column(primary_key=True)
-    username: Mapped[str] = mapped_column(String(64), unique=True)
+    username: Mapped[str] = mapped_column(String(USERNAME_MAX_CHARS), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -38,7 +46,7 @@ class Case(Base):
 
     __tablename__ = "cases"
     id: Mapped[int] = mapped_column(primary_key=True)
-    reference: Mapped[str] = mapped_column(String(64), unique=True)
+    reference: Mapped[str] = mapped_column(String(REFERENCE_MAX_CHARS), unique=True)
     notes: Mapped[str] = mapped_column(Text, default="")
     clinical: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_by: Mapped[str] = mapped_column(String(64))
@@ -57,7 +65,7 @@ class ImageRecord(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    original_name: Mapped[str] = mapped_column(String(255))
+    original_name: Mapped[str] = mapped_column(String(NAME_MAX_CHARS))
     stored_path: Mapped[str] = mapped_column(String(255))
     size_bytes: Mapped[int] = mapped_column(Integer)
     width: Mapped[int] = mapped_column(Integer)

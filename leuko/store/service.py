@@ -2,33 +2,44 @@
 
 Every write goes through :class:`CaseStore`. Files are stored first, then the rows are
 committed in one transaction, so a crash leaves at worst unreferenced files (found and
-removed by :meth:`CaseStore.check`), never a row pointing at a missing file.
+removed by :meth:`CaseStore.check`), never a row pointing at a missing file. Files are
+stored once per content, so a save may reuse another's file: deleting a file and committing
+rows that refer to it are serialised (:meth:`CaseStore._lock_files`), and a save checks its
+files again inside its transaction.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from argon2 import PasswordHasher
 from argon2.exceptions import VerificationError
-from sqlalchemy import event, func, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import event, exists, func, not_, or_, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from leuko.paths import leuko_home
-from leuko.store.db import StoreUnavailableError, database_url, make_engine, upgrade
+from leuko.store.db import (REFUSED_STATEMENTS, StoreUnavailableError, database_url, make_engine, unavailable,
+                            upgrade)
 from leuko.store.files import FileStore
-from leuko.store.models import AuditEvent, Case, Cell, ImageRecord, Prediction, Review, SignOff, User, utcnow
+from leuko.store.models import (NAME_MAX_CHARS, REFERENCE_MAX_CHARS, USERNAME_MAX_CHARS, AuditEvent, Case, Cell,
+                                ImageRecord, Prediction, Review, SignOff, User, utcnow)
 
 ROLES = ("analyst", "reviewer", "admin")
 SIGNING_ROLES = ("reviewer", "admin")
 MAX_FAILED_LOGINS = 5
 LOCKOUT = timedelta(minutes=5)
+REPAIR_MIN_AGE_S = 600
+"""Unreferenced files (and ``.partial-`` temporaries) younger than this many seconds are never
+deleted by :meth:`CaseStore.check`: they may belong to a save in progress, which writes its
+files before its transaction and may then wait for a busy database (8 tries of up to 30 s)."""
+PG_FILES_LOCK = 7_365_302
+"""PostgreSQL advisory lock key of :meth:`CaseStore._lock_files`."""
 
 
 class StoreError(ValueError):
@@ -84,7 +95,9 @@ class ImageEntry:
 
 @dataclass
 class CaseFilter:
-    """History filters; ``None`` means any. Dates are inclusive datetimes (UTC)."""
+    """History filters; ``None`` means any. Dates are inclusive datetimes (UTC).
+    ``needs_review`` True keeps the cases a person must look at (a result flagged for review,
+    or a field in which no leukocyte was found), False the others."""
 
     since: datetime | None = None
     until: datetime | None = None
@@ -99,15 +112,33 @@ class CaseFilter:
 
 @dataclass
 class ConsistencyReport:
-    """Files no row refers to, and rows whose file is missing."""
+    """Files no row refers to, and rows whose file is missing; unreferenced files younger than
+    :data:`REPAIR_MIN_AGE_S` are listed apart (``recent_files``) as a save may still need them."""
 
     orphan_files: list[str]
     missing_files: list[str]
+    recent_files: list[str] = field(default_factory=list)
     repaired: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.orphan_files and not self.missing_files
+
+
+def _extension(name: str) -> str:
+    """The file name's extension (".png"), or "" when it has none or one over 10 characters,
+    which no image format uses and which would not fit the stored path's column."""
+    suffix = Path(name).suffix
+    return suffix if len(suffix) <= 10 else ""
+
+
+def _fit_name(name: str) -> str:
+    """``name`` shortened to :data:`NAME_MAX_CHARS` (marked with an ellipsis, extension kept),
+    so that a long upload name is stored instead of being refused by PostgreSQL."""
+    if len(name) <= NAME_MAX_CHARS:
+        return name
+    suffix = _extension(name)
+    return name[:NAME_MAX_CHARS - len(suffix) - 1] + "\u2026" + suffix
 
 
 def _refuse_audit_changes(session: Session, _context, _instances) -> None:
@@ -144,9 +175,11 @@ class CaseStore:
         try:
             yield session
             session.commit()
-        except OperationalError as exc:
+        except DBAPIError as exc:
             session.rollback()
-            raise StoreUnavailableError(f"the case database cannot be reached: {exc.orig}") from exc
+            if isinstance(exc, REFUSED_STATEMENTS):
+                raise
+            raise unavailable(exc, self.engine.url) from exc
         except BaseException:
             session.rollback()
             raise
@@ -162,11 +195,14 @@ class CaseStore:
                 result = work(session)
                 session.commit()
                 return result
-            except OperationalError as exc:
+            except DBAPIError as exc:
                 session.rollback()
+                if isinstance(exc, REFUSED_STATEMENTS):
+                    raise
                 last = exc
-                if "locked" not in str(exc.orig) and "busy" not in str(exc.orig):
-                    raise StoreUnavailableError(f"the case database cannot be written: {exc.orig}") from exc
+                busy = isinstance(exc, OperationalError) and ("locked" in str(exc.orig) or "busy" in str(exc.orig))
+                if not busy:
+                    raise unavailable(exc, self.engine.url, "written") from exc
                 time.sleep(0.1 * (attempt + 1))
             except BaseException:
                 session.rollback()
@@ -184,6 +220,10 @@ class CaseStore:
 
     def create_user(self, username: str, password: str, role: str, actor: str = "system") -> None:
         """Create a local account; the password is stored only as an argon2 hash."""
+        if not (username and username.strip()):
+            raise StoreError("an account needs a user name")
+        if len(username) > USERNAME_MAX_CHARS:
+            raise StoreError(f"user names may have at most {USERNAME_MAX_CHARS} characters")
         if role not in ROLES:
             raise StoreError(f"role must be one of {', '.join(ROLES)}")
         if len(password) < 8:
@@ -195,7 +235,10 @@ class CaseStore:
             session.add(User(username=username, password_hash=self.hasher.hash(password), role=role))
             self._audit(session, actor, "create_user", "user", None, new={"username": username, "role": role})
 
-        self._write(work)
+        try:
+            self._write(work)
+        except IntegrityError as exc:
+            raise StoreError(f"user {username!r} already exists") from exc
 
     def authenticate(self, username: str, password: str) -> User:
         """The user if the password matches; after 5 failures the account is locked 5 minutes."""
@@ -232,11 +275,48 @@ class CaseStore:
 
     # cases ------------------------------------------------------------------------------
 
-    def _store_prediction(self, prediction: PredictionEntry, image_id: int, cell_id: int | None,
-                          created: list[str]) -> Prediction:
-        cam = self.files.put(prediction.cam_png, ".png", created)[0] if prediction.cam_png else None
-        mask = self.files.put(prediction.mask_png, ".png", created)[0] if prediction.mask_png else None
-        return Prediction(image_id=image_id, cell_id=cell_id, model_id=prediction.model_id,
+    @staticmethod
+    def _lock_files(session: Session, exclusive: bool) -> None:
+        """Serialise deleting stored files with committing rows that refer to them, until the
+        session's transaction ends: a save holds the lock shared, a deleter exclusively. On
+        SQLite every write transaction is already exclusive (``BEGIN IMMEDIATE`` at its first
+        statement), so only PostgreSQL needs an advisory lock."""
+        if session.get_bind().dialect.name == "postgresql":
+            function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+            session.execute(text(f"SELECT {function}({PG_FILES_LOCK})"))
+
+    @staticmethod
+    def _referenced(session: Session, among: set[str] | None = None) -> set[str]:
+        """Stored files that rows refer to (only those ``among`` these paths when given)."""
+        found: set[str] = set()
+        for column in (ImageRecord.stored_path, Cell.crop_path, Prediction.cam_path, Prediction.mask_path):
+            query = select(column).where(column.is_not(None))
+            if among is not None:
+                query = query.where(column.in_(among))
+            found.update(session.scalars(query))
+        return found
+
+    def _discard(self, created: list[str]) -> None:
+        """Delete the files a failed save wrote, except those a committed row refers to (another
+        save may have stored the same content meanwhile). When the database cannot tell, the
+        files stay, as unreferenced files for :meth:`check`."""
+        if not created:
+            return
+
+        def work(session: Session) -> None:
+            self._lock_files(session, exclusive=True)
+            candidates = set(created)
+            self.files.discard(candidates - self._referenced(session, candidates))
+
+        with suppress(StoreUnavailableError):
+            self._write(work)
+
+    @staticmethod
+    def _prediction_row(prediction: PredictionEntry, put: Callable[[bytes, str], tuple[str, str]]) -> Prediction:
+        """A prediction row (image and cell ids set later) with its overlay files stored by ``put``."""
+        cam = put(prediction.cam_png, ".png")[0] if prediction.cam_png else None
+        mask = put(prediction.mask_png, ".png")[0] if prediction.mask_png else None
+        return Prediction(image_id=0, cell_id=None, model_id=prediction.model_id,
                           weights_sha256=prediction.weights_sha256, task=prediction.task,
                           probabilities=prediction.probabilities, label=prediction.label,
                           confidence=prediction.confidence, needs_review=prediction.needs_review,
@@ -247,39 +327,39 @@ class CaseStore:
         """Log a case with its images and results; returns the case id.
 
         All files are written before the transaction starts; the rows then commit together.
+        A reference longer than :data:`REFERENCE_MAX_CHARS` is refused; an original file name
+        longer than :data:`NAME_MAX_CHARS` is shortened. When the save fails, the files it
+        wrote are deleted unless another case uses them or the database cannot be reached.
         """
         if not reference.strip():
             raise StoreError("a case needs a (pseudonymous) reference")
+        if len(reference) > REFERENCE_MAX_CHARS:
+            raise StoreError(f"a case reference may have at most {REFERENCE_MAX_CHARS} characters "
+                             f"(this one has {len(reference)})")
         if not images:
             raise StoreError("a case needs at least one image")
         with self.session() as session:
             if session.scalar(select(Case.id).where(Case.reference == reference)):
                 raise StoreError(f"a case with reference {reference!r} already exists")
         created: list[str] = []
+        contents: list[tuple[bytes, str]] = []
         stored = []
-        try:
-            for image in images:
-                suffix = Path(image.original_name).suffix.lower() or ".bin"
-                path, digest = self.files.put(image.data, suffix, created)
-                crops = [self.files.put(cell.crop_png, ".png", created)[0] if cell.crop_png else None
-                         for cell in image.cells]
-                predictions = [self._store_prediction(image.prediction, 0, None, created) if image.prediction else None]
-                predictions += [self._store_prediction(cell.prediction, 0, None, created) if cell.prediction else None
-                                for cell in image.cells]
-                stored.append((image, path, digest, crops, predictions))
-        except OSError as exc:
-            self.files.discard(created)
-            raise StoreUnavailableError(f"the case's files could not be written under {self.files.root} "
-                                        f"({exc.strerror or exc}); nothing was saved") from exc
+
+        def put(data: bytes, suffix: str) -> tuple[str, str]:
+            contents.append((data, suffix))
+            return self.files.put(data, suffix, created)
 
         def work(session: Session) -> int:
             if session.scalar(select(Case.id).where(Case.reference == reference)):
                 raise StoreError(f"a case with reference {reference!r} already exists")
+            self._lock_files(session, exclusive=False)
+            for data, suffix in contents:
+                self.files.put(data, suffix, created)
             case = Case(reference=reference, notes=notes, clinical=clinical, created_by=created_by)
             session.add(case)
             session.flush()
             for image, path, digest, crops, predictions in stored:
-                record = ImageRecord(case_id=case.id, sha256=digest, original_name=image.original_name,
+                record = ImageRecord(case_id=case.id, sha256=digest, original_name=_fit_name(image.original_name),
                                      stored_path=path, size_bytes=len(image.data), width=image.width,
                                      height=image.height, kind=image.kind, morphometrics=image.morphometrics)
                 session.add(record)
@@ -301,12 +381,25 @@ class CaseStore:
             return case.id
 
         try:
+            for image in images:
+                path, digest = put(image.data, _extension(image.original_name).lower() or ".bin")
+                crops = [put(cell.crop_png, ".png")[0] if cell.crop_png else None for cell in image.cells]
+                predictions = [self._prediction_row(image.prediction, put) if image.prediction else None]
+                predictions += [self._prediction_row(cell.prediction, put) if cell.prediction else None
+                                for cell in image.cells]
+                stored.append((image, path, digest, crops, predictions))
             return self._write(work)
+        except OSError as exc:
+            self._discard(created)
+            raise StoreUnavailableError(f"the case's files could not be written under {self.files.root} "
+                                        f"({exc.strerror or exc}); nothing was saved") from exc
         except IntegrityError as exc:
-            self.files.discard(created)
+            self._discard(created)
             raise StoreError(f"case {reference!r} could not be saved: {exc.orig}") from exc
-        except BaseException:
-            self.files.discard(created)
+        except StoreUnavailableError:
+            raise
+        except Exception:
+            self._discard(created)
             raise
 
     def review(self, image_id: int, reviewer: str, final_label: str, comment: str = "",
@@ -394,15 +487,21 @@ class CaseStore:
         if filters.status:
             query = query.where(Case.status == filters.status)
         if filters.reference:
-            query = query.where(Case.reference.contains(filters.reference))
-        prediction_filters = [(Prediction.task, filters.task), (Prediction.label, filters.predicted_label),
-                              (Prediction.needs_review, filters.needs_review)]
+            query = query.where(Case.reference.contains(filters.reference, autoescape=True))
+        prediction_filters = [(Prediction.task, filters.task), (Prediction.label, filters.predicted_label)]
         if any(value is not None for _, value in prediction_filters):
             sub = select(ImageRecord.case_id).join(Prediction, Prediction.image_id == ImageRecord.id)
             for column, value in prediction_filters:
                 if value is not None:
                     sub = sub.where(column == value)
             query = query.where(Case.id.in_(sub))
+        if filters.needs_review is not None:
+            flagged_result = (select(ImageRecord.case_id).join(Prediction, Prediction.image_id == ImageRecord.id)
+                              .where(Prediction.needs_review.is_(True)))
+            empty_field = select(ImageRecord.case_id).where(ImageRecord.kind == "field",
+                                                            ~exists().where(Cell.image_id == ImageRecord.id))
+            flagged = or_(Case.id.in_(flagged_result), Case.id.in_(empty_field))
+            query = query.where(flagged if filters.needs_review else not_(flagged))
         if filters.final_label is not None or filters.reviewer is not None:
             sub = select(ImageRecord.case_id).join(Review, Review.image_id == ImageRecord.id)
             if filters.final_label is not None:
@@ -463,16 +562,23 @@ class CaseStore:
 
     def check(self, repair: bool = False) -> ConsistencyReport:
         """Find files no row refers to and rows whose file is missing; with ``repair`` the
-        unreferenced files are deleted (rows are never deleted)."""
-        with self.session() as session:
-            referenced = set(session.scalars(select(ImageRecord.stored_path)))
-            referenced |= {p for p in session.scalars(select(Cell.crop_path)) if p}
-            referenced |= {p for p in session.scalars(select(Prediction.cam_path)) if p}
-            referenced |= {p for p in session.scalars(select(Prediction.mask_path)) if p}
-        present = self.files.all_files()
-        orphans = sorted(present - referenced)
-        missing = sorted(referenced - present)
+        unreferenced files are deleted (rows are never deleted). Unreferenced files younger
+        than :data:`REPAIR_MIN_AGE_S` are reported apart and kept: a save may still need them."""
+
+        def work(session: Session) -> ConsistencyReport:
+            if repair:
+                self._lock_files(session, exclusive=True)
+            referenced = self._referenced(session)
+            present = self.files.all_files()
+            cutoff = time.time() - REPAIR_MIN_AGE_S
+            unreferenced = present.keys() - referenced
+            recent = {p for p in unreferenced if present[p] > cutoff}
+            orphans = sorted(unreferenced - recent)
+            if repair:
+                self.files.discard(orphans)
+            return ConsistencyReport(orphans, sorted(referenced - present.keys()), sorted(recent), repaired=repair)
+
         if repair:
-            for relative in orphans:
-                self.files.path(relative).unlink(missing_ok=True)
-        return ConsistencyReport(orphans, missing, repaired=repair)
+            return self._write(work)
+        with self.session() as session:
+            return work(session)
