@@ -9,12 +9,14 @@ loses nothing.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -206,16 +208,24 @@ def export_reviewed_crops(store: CaseStore, task: str, folder: Path, min_crops: 
     ``folder`` as a dataset training reads (:func:`leuko.store.export.export_dataset`), and
     return how many there are.
 
-    Fewer than ``min_crops`` is refused with a ``ValueError``. Then, and when the case log
+    Fewer than ``min_crops``, or none in the validation or test split (fixed by each crop's
+    digest, about one in ten each), is refused with a ``ValueError``. Then, and when the case log
     fails (:class:`leuko.store.StoreUnavailableError` is passed on), ``folder`` is removed, so
     no copies of patients' crops are left behind.
     """
     try:
         manifest = export_dataset(store, folder, task)
-        count = len(manifest.read_text().splitlines()) - 1
+        with open(manifest, newline="") as handle:
+            splits = Counter(row["split"] for row in csv.DictReader(handle))
+        count = sum(splits.values())
         if count < min_crops:
             raise ValueError(f"only {count} crop(s) of this task in signed-off cases, fewer than {min_crops}: "
                              "review and sign more cases before training on them")
+        missing = [name for split, name in (("val", "validation"), ("test", "test")) if not splits[split]]
+        if missing:
+            raise ValueError(f"none of the {count} crops falls in the {' or '.join(missing)} split (each crop's "
+                             "split is fixed by its digest, about one in ten each): review and sign more cases "
+                             "before training on them")
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

@@ -87,10 +87,21 @@ def _signed_crops(home, count: int) -> CaseStore:
     return store
 
 
-def test_reviewed_crops_are_exported_from_ten_on(tmp_path):
+def test_reviewed_crops_are_exported_with_every_split_filled(tmp_path):
+    store = _signed_crops(tmp_path / "home", 13)
+    assert export_reviewed_crops(store, "all_binary", tmp_path / "data", min_crops=13) == 13
+    rows = (tmp_path / "data" / "manifest.csv").read_text().splitlines()[1:]
+    assert len(rows) == 13 and {row.rsplit(",", 1)[1] for row in rows} == {"train", "val", "test"}
+    store.close()
+
+
+def test_reviewed_crops_without_a_test_crop_are_refused_and_leave_no_copies(tmp_path):
+    """Ten crops whose digests put none in the test split (the first ten of this test's
+    crops): training on them would fail at its test evaluation."""
     store = _signed_crops(tmp_path / "home", 10)
-    assert export_reviewed_crops(store, "all_binary", tmp_path / "data") == 10
-    assert len((tmp_path / "data" / "manifest.csv").read_text().splitlines()) == 11
+    with pytest.raises(ValueError, match="none of the 10 crops falls in the test split"):
+        export_reviewed_crops(store, "all_binary", tmp_path / "data")
+    assert not (tmp_path / "data").exists()
     store.close()
 
 

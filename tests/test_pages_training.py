@@ -142,13 +142,17 @@ def _reviewed_source(app):
     return app
 
 
-def test_reviewed_cases_train_from_ten_crops_and_fewer_leave_no_copies(leuko_home, tmp_path, monkeypatch):
+def test_reviewed_cases_train_once_ten_crops_fill_every_split_and_refusals_leave_no_copies(
+        leuko_home, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     _sign_crops(leuko_home, "NINE", range(9))
     app = _reviewed_source(page("3_Train.py", REVIEWER))
     assert not app.exception and "only 9 crop(s)" in app.error[0].value
-    assert not list(tmp_path.glob("leuko-reviewed-*"))
     _sign_crops(leuko_home, "TENTH", range(9, 10))
+    app = _reviewed_source(page("3_Train.py", REVIEWER))
+    assert not app.exception and "none of the 10 crops falls in the test split" in app.error[0].value
+    assert not list(tmp_path.glob("leuko-reviewed-*"))
+    _sign_crops(leuko_home, "MORE", range(10, 13))
     app = _reviewed_source(page("3_Train.py", REVIEWER))
     assert not app.error and "Training started" in app.success[0].value
     list_jobs()[0].kill()
