@@ -2,8 +2,8 @@
 
 from leuko.store.db import StoreUnavailableError
 from leuko.store.models import REFERENCE_MAX_CHARS
-from leuko.store.service import (CaseFilter, CaseStore, CellEntry, ConsistencyReport, ImageEntry, PermissionDenied,
-                                 PredictionEntry, StoreError)
+from leuko.store.service import (NO_LEUKOCYTE, CaseFilter, CaseStore, CellEntry, ConsistencyReport, ImageEntry,
+                                 PermissionDenied, PredictionEntry, StoreError)
 
-__all__ = ["REFERENCE_MAX_CHARS", "CaseFilter", "CaseStore", "CellEntry", "ConsistencyReport", "ImageEntry",
+__all__ = ["NO_LEUKOCYTE", "REFERENCE_MAX_CHARS", "CaseFilter", "CaseStore", "CellEntry", "ConsistencyReport", "ImageEntry",
            "PermissionDenied", "PredictionEntry", "StoreError", "StoreUnavailableError"]

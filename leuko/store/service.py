@@ -38,6 +38,9 @@ REPAIR_MIN_AGE_S = 600
 """Unreferenced files (and ``.partial-`` temporaries) younger than this many seconds are never
 deleted by :meth:`CaseStore.check`: they may belong to a save in progress, which writes its
 files before its transaction and may then wait for a busy database (8 tries of up to 30 s)."""
+NO_LEUKOCYTE = "no leukocyte"
+"""Final label of a field image in which neither the cell finder nor the reviewer found a
+leukocyte; confirming it counts as that image's review for sign-off."""
 PG_FILES_LOCK = 7_365_302
 """PostgreSQL advisory lock key of :meth:`CaseStore._lock_files`."""
 

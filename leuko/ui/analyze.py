@@ -17,7 +17,7 @@ from leuko.examples import PUBLIC_DATASETS, examples_root, find_examples
 from leuko.explain import CAM_METHODS
 from leuko.images import IMAGE_SUFFIXES, ImageError
 from leuko.modelstore import ModelIntegrityError, ModelNotFoundError, ModelStore
-from leuko.store import StoreError, StoreUnavailableError
+from leuko.store import REFERENCE_MAX_CHARS, StoreError, StoreUnavailableError
 from leuko.tasks import TASKS
 from leuko.ui.auth import case_store, current_user
 from leuko.ui.charts import probability_bars, recall_bars
@@ -247,7 +247,8 @@ def save_section() -> None:
         return
     with st.form("save_case"):
         suggested = st.session_state.setdefault("suggested_reference", f"CASE-{datetime.now():%Y%m%d-%H%M%S}")
-        reference = st.text_input("Case reference (pseudonymous; never a patient name)", value=suggested)
+        reference = st.text_input("Case reference (pseudonymous; never a patient name)", value=suggested,
+                                  max_chars=REFERENCE_MAX_CHARS)
         notes = st.text_area("Notes")
         if st.form_submit_button("Save as case"):
             save_case(reference, notes)

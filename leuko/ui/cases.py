@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from leuko.store import CaseFilter, CaseStore, PermissionDenied, StoreError, StoreUnavailableError
+from leuko.store import NO_LEUKOCYTE, CaseFilter, CaseStore, PermissionDenied, StoreError, StoreUnavailableError
 from leuko.store.export import case_pdf, cases_csv
 from leuko.store.models import ImageRecord
 from leuko.tasks import TASKS, get_task
@@ -130,11 +130,6 @@ def review_image(store: CaseStore, image: ImageRecord, user: dict, locked: bool)
         items += [(cell.id, p.label if p else None, finals.get(cell.id), p is None or p.needs_review)
                   for cell, p in cells]
     _review_form(store, image, items, task, user, locked, {c.id: c.index for c in image.cells})
-
-
-NO_LEUKOCYTE = "no leukocyte"
-"""Final label of a field image in which neither the cell finder nor the reviewer found a
-leukocyte."""
 
 
 def _empty_field_review(store: CaseStore, image: ImageRecord, final: str | None, user: dict, locked: bool) -> None:
