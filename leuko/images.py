@@ -71,7 +71,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     white, the colour of an empty smear background.
     """
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.nan_to_num(np.asarray(image, dtype=np.float64)).clip(min=0.0)
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
         top = array.max() or 1.0
         image = Image.fromarray((array / top * 255.0).round().astype(np.uint8))
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):

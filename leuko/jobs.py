@@ -161,10 +161,14 @@ def start_training(config: TrainConfig, replace: bool = False) -> Job:
     The model is registered into the user's models folder (``$LEUKO_HOME/models``). A model id
     that is taken is refused with a ``ValueError`` before anything starts, so no model is
     silently replaced or shadowed; ``replace`` allows retraining a model of the same task
-    under its id (:meth:`leuko.modelstore.ModelStore.check_new_id`).
+    under its id (:meth:`leuko.modelstore.ModelStore.check_new_id`). An id a running job is
+    training is refused too, as the job that ended last would replace the other's model.
     """
     if config.model_id:
         ModelStore().check_new_id(config.model_id, config.task, replace=replace)
+        if any(job.state() == "running" and job.config.model_id == config.model_id for job in list_jobs()):
+            raise ValueError(f"a running training job is already training model {config.model_id!r}; "
+                             "choose another id or wait for it to end")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     folder = jobs_dir() / f"{config.task}-{stamp}"
     folder.mkdir(parents=True)
@@ -210,9 +214,11 @@ def export_reviewed_crops(store: CaseStore, task: str, folder: Path, min_crops: 
 
     Fewer than ``min_crops``, or none in the validation or test split (fixed by each crop's
     digest, about one in ten each), is refused with a ``ValueError``. Then, and when the case log
-    fails (:class:`leuko.store.StoreUnavailableError` is passed on), ``folder`` is removed, so
-    no copies of patients' crops are left behind.
+    fails (:class:`leuko.store.StoreUnavailableError` is passed on), ``folder`` is removed if it
+    did not exist or was empty before, so no copies of patients' crops are left behind.
     """
+    folder = Path(folder)
+    ours = not folder.exists() or not any(folder.iterdir())
     try:
         manifest = export_dataset(store, folder, task)
         with open(manifest, newline="") as handle:
@@ -227,6 +233,7 @@ def export_reviewed_crops(store: CaseStore, task: str, folder: Path, min_crops: 
                              "split is fixed by its digest, about one in ten each): review and sign more cases "
                              "before training on them")
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        if ours:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     return count

@@ -132,7 +132,7 @@ def classical_segment(rgb: np.ndarray, config: ClassicalConfig | None = None) ->
         return np.zeros((height, width), np.uint8)
     nucleus = ndi.binary_fill_holes(nucleus)
     if nucleus.all():
-        return np.full((height, width), NUCLEUS, np.uint8)
+        return np.zeros((height, width), np.uint8)
 
     candidate = (cell_map > _otsu(cell_map[~nucleus])) | nucleus
     candidate = ndi.binary_fill_holes(cv2.morphologyEx(candidate.astype(np.uint8), cv2.MORPH_CLOSE,

@@ -59,6 +59,9 @@ ACCEPTED = {
     "16-bit TIFF": lambda: _save(Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 15).astype(np.uint16)), "TIFF"),
     "32-bit float TIFF scaled 0-1": lambda: _save(
         Image.fromarray((np.arange(64 * 64).reshape(64, 64) / 4095).astype(np.float32)), "TIFF"),
+    "float TIFF with an infinite pixel": lambda: _save(
+        Image.fromarray(np.where(np.eye(64) > 0, np.inf, np.arange(64 * 64).reshape(64, 64) / 4095)
+                        .astype(np.float32)), "TIFF"),
     "greyscale": lambda: _save(_cell().convert("L"), "PNG"),
     "RGBA": lambda: _save(_cell().convert("RGBA"), "PNG"),
     "CMYK JPEG": lambda: _save(_cell().convert("CMYK"), "JPEG"),

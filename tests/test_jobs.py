@@ -77,6 +77,16 @@ def test_a_taken_model_id_is_refused_before_a_job_starts(binary_folder, leuko_ho
     assert job.config.model_id == "mine"
 
 
+def test_an_id_a_running_job_is_training_is_refused(binary_folder, leuko_home):
+    first = start_training(_config(binary_folder, 500).with_overrides(model_id="twice"))
+    try:
+        with pytest.raises(ValueError, match="already training model 'twice'"):
+            start_training(_config(binary_folder, 1).with_overrides(model_id="twice"), replace=True)
+        assert len(list_jobs()) == 1
+    finally:
+        first.kill()
+
+
 def _signed_crops(home, count: int) -> CaseStore:
     store = CaseStore(home=home)
     store.create_user("rita", "reviewer-pass", "reviewer")
@@ -122,3 +132,8 @@ def test_an_unavailable_case_log_is_passed_on_and_leaves_no_folder(tmp_path):
     with pytest.raises(StoreUnavailableError, match="cannot be reached"):
         export_reviewed_crops(Unavailable(), "all_binary", tmp_path / "data")
     assert not (tmp_path / "data").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(StoreUnavailableError):
+        export_reviewed_crops(Unavailable(), "all_binary", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "kept"

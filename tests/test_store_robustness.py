@@ -107,6 +107,30 @@ def test_needs_review_means_a_flagged_result_or_a_field_without_cells(store):
     assert references(False, "all_binary") == {"CONFIDENT-CROP", "CONFIDENT-FIELD"}
 
 
+def test_needs_review_with_a_task_counts_only_that_tasks_flags(store):
+    other_task = crop(5, needs_review=True)
+    other_task.prediction.task = "wbc_type"
+    store.save_case("FLAGGED-WBC", "adam", [other_task])
+    store.save_case("FLAGGED-ALL", "adam", [crop(6, needs_review=True)])
+    found = store.list_cases(CaseFilter(needs_review=True, task="all_binary"))[0]
+    assert [r["reference"] for r in found] == ["FLAGGED-ALL"]
+
+
+def test_reviewer_filters_follow_each_images_latest_review(store):
+    """An image reclassified from ALL to normal by another reviewer is found under its latest
+    label and reviewer only, as the agreement figures and the export read it."""
+    case_id = store.save_case("RECLASSIFIED", "adam", [crop(7)])
+    image_id = store.case(case_id).images[0].id
+    store.review(image_id, "rita", "ALL")
+    store.review(image_id, "bob", "normal")
+
+    def references(**criteria) -> list[str]:
+        return [r["reference"] for r in store.list_cases(CaseFilter(**criteria))[0]]
+
+    assert references(final_label="normal") == ["RECLASSIFIED"] and references(reviewer="bob") == ["RECLASSIFIED"]
+    assert references(final_label="ALL") == [] and references(reviewer="rita") == []
+
+
 def test_the_reference_filter_takes_percent_and_underscore_literally(store):
     for seed, reference in enumerate(("A%1", "AB1", "A_2", "AX2", "B\\3", "C/4")):
         store.save_case(reference, "adam", [crop(seed)])

@@ -100,7 +100,8 @@ class ImageEntry:
 class CaseFilter:
     """History filters; ``None`` means any. Dates are inclusive datetimes (UTC).
     ``needs_review`` True keeps the cases a person must look at (a result flagged for review,
-    or a field in which no leukocyte was found), False the others."""
+    or a field in which no leukocyte was found), False the others. ``final_label`` and
+    ``reviewer`` match each image's (or cell's) latest review, which is the one that counts."""
 
     since: datetime | None = None
     until: datetime | None = None
@@ -396,7 +397,7 @@ class CaseStore:
             self._discard(created)
             raise StoreUnavailableError(f"the case's files could not be written under {self.files.root} "
                                         f"({exc.strerror or exc}); nothing was saved") from exc
-        except IntegrityError as exc:
+        except REFUSED_STATEMENTS as exc:
             self._discard(created)
             raise StoreError(f"case {reference!r} could not be saved: {exc.orig}") from exc
         except StoreUnavailableError:
@@ -501,12 +502,16 @@ class CaseStore:
         if filters.needs_review is not None:
             flagged_result = (select(ImageRecord.case_id).join(Prediction, Prediction.image_id == ImageRecord.id)
                               .where(Prediction.needs_review.is_(True)))
+            if filters.task is not None:
+                flagged_result = flagged_result.where(Prediction.task == filters.task)
             empty_field = select(ImageRecord.case_id).where(ImageRecord.kind == "field",
                                                             ~exists().where(Cell.image_id == ImageRecord.id))
             flagged = or_(Case.id.in_(flagged_result), Case.id.in_(empty_field))
             query = query.where(flagged if filters.needs_review else not_(flagged))
         if filters.final_label is not None or filters.reviewer is not None:
-            sub = select(ImageRecord.case_id).join(Review, Review.image_id == ImageRecord.id)
+            latest = select(func.max(Review.id)).group_by(Review.image_id, Review.cell_id)
+            sub = (select(ImageRecord.case_id).join(Review, Review.image_id == ImageRecord.id)
+                   .where(Review.id.in_(latest)))
             if filters.final_label is not None:
                 sub = sub.where(Review.final_label == filters.final_label)
             if filters.reviewer is not None:

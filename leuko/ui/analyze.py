@@ -195,7 +195,7 @@ def show_analysis(analysis: ImageAnalysis, key: str) -> None:
         left, right = st.columns([2, 3])
         left.plotly_chart(probability_bars(analysis.task, cell.prediction.as_dict(), analysis.review_threshold),
                           key=f"p_{key}")
-        contours = right.checkbox("Draw the segmentation contour on the Grad-CAM", key=f"contour_{key}")
+        contours = right.checkbox("Draw the segmentation contour on the attention map", key=f"contour_{key}")
         images = [analysis.rgb, cell.cam_overlay(opacity, contours), mask_overlay(cell.crop, cell.mask, opacity)]
         right.image(images, caption=["Original", f"{analysis.cam_method} for {info.display}", "Nucleus / cytoplasm"],
                     width=200)

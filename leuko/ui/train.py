@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -138,7 +139,8 @@ def training_form() -> None:
     if not start or data is None or id_choice is None:
         return
     model_id, replace = id_choice
-    if data.pop("export_reviewed", False):
+    exported = data.pop("export_reviewed", False)
+    if exported:
         data = _reviewed_crops(task)
         if data is None:
             return
@@ -152,6 +154,8 @@ def training_form() -> None:
     try:
         job = start_training(config, replace=replace)
     except ValueError as exc:
+        if exported:
+            shutil.rmtree(data["data_root"], ignore_errors=True)
         st.error(f"Training was not started: {exc}.")
         return
     st.session_state["train_job"] = job.id
