@@ -130,10 +130,11 @@ def test_an_expired_sign_in_must_sign_in_again(leuko_home):
 
 
 def test_every_corpus_file_is_analysed_or_refused_and_the_app_keeps_running(tmp_path, leuko_home, monkeypatch):
-    folder = tmp_path / "examples" / "ALL"
-    folder.mkdir(parents=True)
+    for label in ("ALL", "normal"):
+        (tmp_path / "examples" / label).mkdir(parents=True)
     for index, make in enumerate([*(m for m, _ in REFUSED.values()), *ACCEPTED.values()]):
-        (folder / f"corpus{index:02d}.png").write_bytes(make())
+        label = ("ALL", "normal")[index % 2]
+        (tmp_path / "examples" / label / f"corpus{index:02d}.png").write_bytes(make())
     monkeypatch.setenv("LEUKO_EXAMPLES", str(tmp_path / "examples"))
     app = AppTest.from_file(str(REPO_ROOT / "pages" / "1_Analyze.py"), default_timeout=300).run()
     app.multiselect[0].set_value(list(app.multiselect[0].options)).run()
