@@ -571,12 +571,12 @@ class CaseStore:
     def check(self, repair: bool = False) -> ConsistencyReport:
         """Find files no row refers to and rows whose file is missing; with ``repair`` the
         unreferenced files are deleted (rows are never deleted). Unreferenced files younger
-        than :data:`REPAIR_MIN_AGE_S` are reported apart and kept: a save may still need them."""
+        than :data:`REPAIR_MIN_AGE_S` are reported apart and kept: a save may still need them.
+        A plain check scans the files after its read, so saves are not held up by the scan;
+        a repair scans and deletes under the file lock, so no save can commit a reference to
+        a file in between."""
 
-        def work(session: Session) -> ConsistencyReport:
-            if repair:
-                self._lock_files(session, exclusive=True)
-            referenced = self._referenced(session)
+        def report(referenced: set[str]) -> ConsistencyReport:
             present = self.files.all_files()
             cutoff = time.time() - REPAIR_MIN_AGE_S
             unreferenced = present.keys() - referenced
@@ -586,7 +586,12 @@ class CaseStore:
                 self.files.discard(orphans)
             return ConsistencyReport(orphans, sorted(referenced - present.keys()), sorted(recent), repaired=repair)
 
+        def work(session: Session) -> ConsistencyReport:
+            self._lock_files(session, exclusive=True)
+            return report(self._referenced(session))
+
         if repair:
             return self._write(work)
         with self.session() as session:
-            return work(session)
+            referenced = self._referenced(session)
+        return report(referenced)
