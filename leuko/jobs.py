@@ -30,6 +30,8 @@ from leuko.store import CaseStore
 from leuko.store.export import export_dataset
 
 MIN_REVIEWED_CROPS = 10
+JOB_DATA = "data"
+"""Sub-folder of a job holding the crops it copied from the case log, deleted when it ends."""
 
 
 def jobs_dir() -> Path:
@@ -126,12 +128,14 @@ class Job:
         (self.folder / "stop").touch()
 
     def kill(self) -> None:
-        """End the process at once; nothing is registered."""
+        """End the process at once; nothing is registered, and the crops it copied from the
+        case log are deleted."""
         (self.folder / "cancelled").touch()
         try:
             os.killpg(int((self.folder / "pid").read_text()), signal.SIGTERM)
         except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
             pass
+        shutil.rmtree(self.folder / JOB_DATA, ignore_errors=True)
 
     def log_tail(self, lines: int = 30) -> str:
         path = self.folder / "log.txt"
@@ -155,8 +159,13 @@ class Job:
         return messages[-1] if messages else "no model was registered"
 
 
-def start_training(config: TrainConfig, replace: bool = False) -> Job:
+def start_training(config: TrainConfig, replace: bool = False, reviewed_cases: CaseStore | None = None) -> Job:
     """Start ``python -m leuko train`` on ``config`` in a new process group and return its job.
+
+    With ``reviewed_cases`` the job trains on the crops of that case log's signed-off cases
+    (:func:`export_reviewed_crops`, whose refusals are passed on and leave nothing behind),
+    copied into the job's own folder under ``$LEUKO_HOME`` rather than a shared temporary
+    folder, and deleted when the job ends or is cancelled.
 
     The model is registered into the user's models folder (``$LEUKO_HOME/models``). A model id
     that is taken is refused with a ``ValueError`` before anything starts, so no model is
@@ -172,6 +181,14 @@ def start_training(config: TrainConfig, replace: bool = False) -> Job:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     folder = jobs_dir() / f"{config.task}-{stamp}"
     folder.mkdir(parents=True)
+    if reviewed_cases is not None:
+        try:
+            export_reviewed_crops(reviewed_cases, config.task, folder / JOB_DATA)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        config = config.with_overrides(data_root=str(folder / JOB_DATA), manifest="manifest.csv", folder=None,
+                                       datasets=None)
     config = config.with_overrides(model_id=config.model_id or f"{config.task}-{config.arch}-{stamp[:15]}",
                                    out_dir=str(folder / "runs"))
     (folder / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -179,7 +196,8 @@ def start_training(config: TrainConfig, replace: bool = False) -> Job:
                "--events", str(folder / "events.jsonl"), "--report", str(folder / "report"),
                "--stop-file", str(folder / "stop")]
     with (folder / "log.txt").open("w") as log:
-        process = subprocess.Popen(["sh", "-c", '"$@"; echo $? > "$0"', str(folder / "exit_code"), *command],
+        process = subprocess.Popen(["sh", "-c", f'"$@"; code=$?; rm -rf "${{0%/*}}/{JOB_DATA}"; echo $code > "$0"',
+                                    str(folder / "exit_code"), *command],
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
     (folder / "pid").write_text(str(process.pid))

@@ -97,6 +97,26 @@ def _signed_crops(home, count: int) -> CaseStore:
     return store
 
 
+def test_a_job_on_reviewed_cases_keeps_their_crops_in_its_folder_until_it_ends(leuko_home):
+    store = _signed_crops(leuko_home, 13)
+    config = TrainConfig(task="all_binary", input_size=32, epochs=1, batch_size=8, pretrained="none", num_workers=0)
+    job = start_training(config, reviewed_cases=store)
+    assert job.config.data_root == str(job.folder / "data")
+    assert len((job.folder / "data" / "manifest.csv").read_text().splitlines()) == 14
+    _wait(job, lambda j: j.state() != "running")
+    assert job.state() == "finished", job.log_tail()
+    assert not (job.folder / "data").exists() and job.model_id()
+    store.close()
+
+
+def test_a_refused_export_starts_no_job(leuko_home):
+    store = _signed_crops(leuko_home, 9)
+    with pytest.raises(ValueError, match="only 9 crop"):
+        start_training(TrainConfig(task="all_binary", pretrained="none"), reviewed_cases=store)
+    assert list_jobs() == [] and not list((leuko_home / "jobs").iterdir())
+    store.close()
+
+
 def test_reviewed_crops_are_exported_with_every_split_filled(tmp_path):
     store = _signed_crops(tmp_path / "home", 13)
     assert export_reviewed_crops(store, "all_binary", tmp_path / "data", min_crops=13) == 13

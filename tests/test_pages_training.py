@@ -3,7 +3,6 @@ model ids, training on reviewed cases, and a job stopped before it trained anyth
 
 import json
 import subprocess
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -142,25 +141,25 @@ def _reviewed_source(app):
     return app
 
 
-def test_reviewed_cases_train_once_ten_crops_fill_every_split_and_refusals_leave_no_copies(
-        leuko_home, tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+def test_reviewed_cases_train_once_ten_crops_fill_every_split_and_refusals_leave_no_copies(leuko_home):
     _sign_crops(leuko_home, "NINE", range(9))
     app = _reviewed_source(page("3_Train.py", REVIEWER))
     assert not app.exception and "only 9 crop(s)" in app.error[0].value
     _sign_crops(leuko_home, "TENTH", range(9, 10))
     app = _reviewed_source(page("3_Train.py", REVIEWER))
     assert not app.exception and "none of the 10 crops falls in the test split" in app.error[0].value
-    assert not list(tmp_path.glob("leuko-reviewed-*"))
+    assert list_jobs() == [] and not list((leuko_home / "jobs").glob("*"))
     _sign_crops(leuko_home, "MORE", range(10, 13))
     app = _reviewed_source(page("3_Train.py", REVIEWER))
     assert not app.error and "Training started" in app.success[0].value
-    list_jobs()[0].kill()
+    job = list_jobs()[0]
+    assert job.config.data_root == str(job.folder / "data") and (job.folder / "data" / "manifest.csv").is_file()
+    job.kill()
+    assert not (job.folder / "data").exists()
 
 
-def test_an_unavailable_case_log_is_reported_when_training_on_reviewed_cases(leuko_home, tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+def test_an_unavailable_case_log_is_reported_when_training_on_reviewed_cases(leuko_home, monkeypatch):
     monkeypatch.setenv("LEUKO_DB_URL", "postgresql+psycopg://leuko@127.0.0.1:9/none")
     app = _reviewed_source(page("3_Train.py", REVIEWER))
     assert not app.exception and "The case log is unavailable" in app.error[0].value
-    assert not list(tmp_path.glob("leuko-reviewed-*"))
+    assert list_jobs() == []

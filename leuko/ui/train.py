@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from leuko.config import OPTIMIZERS, TrainConfig
-from leuko.jobs import Job, export_reviewed_crops, list_jobs, start_training
+from leuko.jobs import Job, list_jobs, start_training
 from leuko.modelstore import ModelStore
 from leuko.nets import ARCHITECTURES
 from leuko.paths import REPO_ROOT, default_data_root
@@ -52,25 +50,9 @@ def _data_settings(task: str, source: str) -> dict | None:
             return None
         return {"folder": folder, "data_root": None}
     st.caption("Single-cell crops of this task from signed-off cases, labelled with the reviewers' final labels, "
-               "are exported (file names are digests; crops whose signed labels disagree are left out) and "
-               "split about 80/10/10 by digest.")
+               "are copied into the training job's own folder (file names are digests; crops whose signed labels "
+               "disagree are left out), split about 80/10/10 by digest, and deleted when the job ends.")
     return {"export_reviewed": True}
-
-
-def _reviewed_crops(task: str) -> dict | None:
-    """Export the task's crops from signed-off cases for training: their data settings, or
-    ``None`` with the reason shown when the case log is unavailable or holds too few."""
-    try:
-        store = case_store()
-        folder = Path(tempfile.mkdtemp(prefix="leuko-reviewed-"))
-        export_reviewed_crops(store, task, folder)
-    except StoreUnavailableError as exc:
-        st.error(f"The case log is unavailable: {exc}. Training was not started; try again when it is back.")
-        return None
-    except ValueError as exc:
-        st.error(f"Training was not started: {exc}.")
-        return None
-    return {"data_root": str(folder), "folder": None}
 
 
 def _model_id_choice(task: str) -> tuple[str | None, bool] | None:
@@ -139,11 +121,7 @@ def training_form() -> None:
     if not start or data is None or id_choice is None:
         return
     model_id, replace = id_choice
-    exported = data.pop("export_reviewed", False)
-    if exported:
-        data = _reviewed_crops(task)
-        if data is None:
-            return
+    reviewed = data.pop("export_reviewed", False)
     stain = "reinhard" if normalise else "none"
     config = dataclasses.replace(
         preset, **data, task=task, arch=arch, epochs=int(epochs), batch_size=int(batch), input_size=int(size),
@@ -152,10 +130,11 @@ def training_form() -> None:
         zoom_range=None if zoom == (1.0, 1.0) else zoom, colour_invariance=bool(colour), view_zoom=float(view),
         background_replacement=float(background))
     try:
-        job = start_training(config, replace=replace)
+        job = start_training(config, replace=replace, reviewed_cases=case_store() if reviewed else None)
+    except StoreUnavailableError as exc:
+        st.error(f"The case log is unavailable: {exc}. Training was not started; try again when it is back.")
+        return
     except ValueError as exc:
-        if exported:
-            shutil.rmtree(data["data_root"], ignore_errors=True)
         st.error(f"Training was not started: {exc}.")
         return
     st.session_state["train_job"] = job.id
