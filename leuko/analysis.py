@@ -140,9 +140,9 @@ class ImageAnalysis:
         """A plain-language reading of the result that says when a person must look."""
         lines = []
         if not self.cells:
-            return ("No white blood cell was found in this image, so nothing was classified. "
-                    "Check that the image is a stained blood smear and that a leukocyte is in view.")
-        if self.kind == "crop":
+            lines.append("No white blood cell was found in this image, so nothing was classified. "
+                         "Check that the image is a stained blood smear and that a leukocyte is in view.")
+        elif self.kind == "crop":
             cell = self.cells[0]
             info = self.task.info(cell.prediction.label)
             lines.append(f"The model reads this cell as **{info.display}** with "
@@ -287,21 +287,18 @@ class Analyzer:
 
     def _classify_and_explain(self, crops: list[np.ndarray], clinical: ClinicalValues | None, class_id: str | None,
                               method: str) -> tuple[list[Prediction], list[np.ndarray]]:
-        """Predictions and CAMs of the crops: one pass per batch for an image-only model
-        explaining each predicted class; a fusion model given clinical values, or an
-        explicit class, needs the prediction first."""
-        if not crops:
-            return [], []
+        """Predictions and CAMs of the crops, one forward and backward pass per batch: each
+        crop's predicted class is explained, or ``class_id`` for every crop; a fusion model
+        sees ``clinical`` in both, so its map explains the prediction it gave."""
         predictor = self.predictor
-        if class_id is None and not (predictor.fusion and clinical is not None):
-            predictions, cams = [], []
-            for start in range(0, len(crops), BATCH_SIZE):
-                batch_cams, probs = self.explainer.explain_images(crops[start:start + BATCH_SIZE], None, method)
-                predictions += predictor.to_predictions(probs)
-                cams += batch_cams
-            return predictions, cams
-        predictions = predictor.predict(crops, clinical=[clinical] * len(crops))
-        cams = [self.explainer.explain(crop, class_id or p.label, method).cam for crop, p in zip(crops, predictions)]
+        if class_id is not None and class_id not in predictor.classes:
+            raise ValueError(f"{class_id!r} is not a class of this model ({', '.join(predictor.classes)})")
+        index = None if class_id is None else predictor.classes.index(class_id)
+        predictions, cams = [], []
+        for start in range(0, len(crops), BATCH_SIZE):
+            batch_cams, probs = self.explainer.explain_images(crops[start:start + BATCH_SIZE], index, method, clinical)
+            predictions += predictor.to_predictions(probs)
+            cams += batch_cams
         return predictions, cams
 
     def _analyze(self, source: ImageInput, name: str, clinical: ClinicalValues | None, class_id: str | None,

@@ -24,6 +24,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, 
 from torch import nn
 
 from leuko.calibration import calibrated_probabilities
+from leuko.clinical import ClinicalValues, encode
 from leuko.data import CentreView, view_box
 from leuko.images import ImageInput, load_image, load_mask
 from leuko.nets import get_arch, resolve_target_layer
@@ -82,6 +83,23 @@ class FeatureHead(nn.Module):
         return self.head(self.features(features))
 
 
+class WithClinical(nn.Module):
+    """A fusion network as an image-only model for pytorch-grad-cam, which calls its model
+    with the image batch alone: ``clinical`` (the encoded blood count, (1, m) or (N, m);
+    ``None``: nothing measured) is set before each explanation, so the map explains the same
+    output the prediction gave."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.clinical: torch.Tensor | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.clinical is None:
+            return self.network(images)
+        return self.network(images, self.clinical.to(images.device).expand(len(images), -1))
+
+
 class Explainer:
     """CAMs for one loaded model. Reuses one pytorch-grad-cam object per method; the model's
     weights are frozen for its lifetime (a predictor's network is inference-only). Where the
@@ -99,6 +117,7 @@ class Explainer:
         self._head = FeatureHead(network.head).eval() if onnx is not None and "features" in onnx.output_names else None
         if self._head is not None:
             self._hooks.append(self._head.features.register_forward_hook(_track_from_here))
+        self._fused = WithClinical(network) if predictor.fusion else None
         self._cams: dict[str, object] = {}
         self.grid: tuple[int, int] | None = None
         """The target layer's spatial size (rows, columns) at the last call: the resolution
@@ -130,18 +149,21 @@ class Explainer:
             if self._head is not None and method in FEATURE_MAP_METHODS:
                 model, layer = self._head, self._head.features
             else:
-                model, layer = self.predictor.network, self.target_layer
+                model, layer = self._fused or self.predictor.network, self.target_layer
             self._cams[method] = CAM_METHODS[method](model=model, target_layers=[layer])
         return self._cams[method]
 
-    def explain_batch(self, batch: torch.Tensor, class_index: int | None = None,
-                      method: str = "gradcam") -> tuple[np.ndarray, np.ndarray]:
+    def explain_batch(self, batch: torch.Tensor, class_index: int | None = None, method: str = "gradcam",
+                      clinical: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """CAMs (N, S, S) at input resolution and calibrated probabilities (N, K) of a
-        preprocessed batch, for ``class_index`` or each image's predicted class."""
+        preprocessed batch, for ``class_index`` or each image's predicted class; a fusion
+        model sees ``clinical`` (:func:`leuko.clinical.encode`, (1, m) or (N, m)) beside it."""
         cam = self.cam_object(method)
         on_features = cam.model is self._head
         inputs = (self.predictor.onnx(batch, "features") if on_features
                   else batch.to(self.predictor.device).contiguous(memory_format=torch.channels_last))
+        if self._fused is not None:
+            self._fused.clinical = clinical
         with torch.enable_grad():
             maps = cam(input_tensor=inputs, targets=self._targets(inputs, class_index))
         if on_features:
@@ -159,27 +181,32 @@ class Explainer:
             return None if class_index is None else [ClassifierOutputTarget(class_index)] * len(batch)
         if class_index is None:
             with torch.inference_mode():
-                return [ClassifierOutputSoftmaxTarget(int(c)) for c in self.predictor.network(batch).argmax(1)]
+                return [ClassifierOutputSoftmaxTarget(int(c)) for c in self._fused(batch).argmax(1)]
         return [ClassifierOutputSoftmaxTarget(class_index)] * len(batch)
 
     def explain_images(self, images: Sequence[np.ndarray], class_index: int | None = None,
-                       method: str = "gradcam") -> tuple[list[np.ndarray], np.ndarray]:
+                       method: str = "gradcam", clinical: ClinicalValues | None = None
+                       ) -> tuple[list[np.ndarray], np.ndarray]:
         """CAMs (0-1, each at its image's size) and calibrated probabilities (N, K) of RGB
         images, in one forward and backward pass, for ``class_index`` or each image's
-        predicted class. Outside the network's view (``view_zoom`` above 1) a map is zero:
-        the model did not see those pixels."""
-        maps, probs = self.explain_batch(self.predictor.tensors(images), class_index, method)
+        predicted class; a fusion model sees ``clinical`` with every image, as it did when
+        predicting. Outside the network's view (``view_zoom`` above 1) a map is zero: the
+        model did not see those pixels."""
+        encoded = torch.tensor([encode(clinical)], dtype=torch.float32) if clinical is not None else None
+        maps, probs = self.explain_batch(self.predictor.tensors(images), class_index, method, encoded)
         zoom = self.predictor.input_config.view_zoom
         return [map_to_image(m, rgb.shape[0], rgb.shape[1], zoom) for m, rgb in zip(maps, images)], probs
 
-    def explain(self, image: ImageInput, class_id: str | None = None, method: str = "gradcam") -> Explanation:
-        """Explain one image for ``class_id`` (default: the predicted class)."""
+    def explain(self, image: ImageInput, class_id: str | None = None, method: str = "gradcam",
+                clinical: ClinicalValues | None = None) -> Explanation:
+        """Explain one image for ``class_id`` (default: the predicted class); a fusion model
+        takes ``clinical`` beside the image, as in prediction."""
         rgb = np.asarray(load_image(image))
         classes = self.predictor.classes
         if class_id is not None and class_id not in classes:
             raise ValueError(f"{class_id!r} is not a class of this model ({', '.join(classes)})")
         index = None if class_id is None else classes.index(class_id)
-        cams, probs = self.explain_images([rgb], index, method)
+        cams, probs = self.explain_images([rgb], index, method, clinical)
         chosen = int(probs[0].argmax()) if index is None else index
         return Explanation(cams[0], classes[chosen], float(probs[0, chosen]),
                            dict(zip(classes, map(float, probs[0]))), method)

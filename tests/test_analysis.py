@@ -101,10 +101,13 @@ def test_multi_cell_aria_views_are_called_merged_regions(shared_data):
     assert sum("several cells" in result.summary() for result in results) >= 5
 
 
-def test_field_without_leukocytes_says_so(analyzer):
-    result = analyzer.analyze(np.full((700, 900, 3), (236, 214, 220), np.uint8), "empty.png")
+def test_field_without_leukocytes_says_so_and_still_gives_the_blood_count_flags(analyzer):
+    result = analyzer.analyze(np.full((700, 900, 3), (236, 214, 220), np.uint8), "empty.png",
+                              ClinicalValues(wbc=1.2, platelets=30.0, hemoglobin=7.5))
     assert result.kind == "field" and result.cells == [] and result.needs_review
-    assert "No white blood cell was found" in result.summary()
+    summary = result.summary()
+    assert "No white blood cell was found" in summary and "CBC: leukopenia" in summary
+    assert "not a diagnosis" in summary
 
 
 def test_clinical_values_add_flags_and_impossible_ones_are_refused(analyzer):

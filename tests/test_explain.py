@@ -175,3 +175,21 @@ def test_explain_command_writes_cam_pngs(tmp_path, monkeypatch):
 
 def test_every_architecture_declares_a_target_layer():
     assert all(spec.target_layer for spec in ARCHITECTURES.values())
+
+
+def test_a_fusion_models_map_explains_the_prediction_made_with_the_blood_count():
+    """pytorch-grad-cam calls its model with the image alone; the fusion model's blood count
+    is bound in, so the map and its probabilities are those of the prediction the user saw
+    (they used to come from the image alone)."""
+    from leuko.clinical import ClinicalValues
+
+    predictor = Predictor("all_binary-fusion_lite0-simulated")
+    image = synthetic_cell(0, 96, seed=3)
+    count = ClinicalValues(wbc=45.0, platelets=30.0, hemoglobin=7.5, blasts_pct=60.0)
+    predicted = predictor.predict([image], clinical=[count])[0].probabilities
+    with Explainer(predictor) as explainer:
+        with_count = explainer.explain(image, clinical=count)
+        image_only = explainer.explain(image)
+    assert np.allclose([with_count.probabilities[c] for c in predictor.classes], predicted, atol=1e-5)
+    assert abs(with_count.probabilities["ALL"] - image_only.probabilities["ALL"]) > 1e-3
+    assert not np.allclose(with_count.cam, image_only.cam)
