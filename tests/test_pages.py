@@ -167,6 +167,19 @@ def test_history_filters_by_reviewer_and_by_reviewed_label(leuko_home, accounts)
     assert list(app.dataframe[0].value["reference"]) == ["BY-BOB"]
 
 
+def test_a_case_shows_its_blood_count_with_units_and_flags(leuko_home, accounts):
+    store = CaseStore(home=leuko_home)
+    prediction = PredictionEntry("m", "0" * 64, "all_binary", {"ALL": 0.9, "normal": 0.1}, "ALL", 0.9, False, 5.0)
+    store.save_case("CBC", "ann", [ImageEntry(png_bytes(stained_cell()), "cell.png", 160, 160, "crop", prediction)],
+                    clinical={"wbc": 45.0, "hemoglobin": 7.5})
+    store.close()
+    app = page("2_Cases.py", accounts["rita"])
+    assert not app.exception
+    table = app.dataframe[1].value
+    assert list(table.columns) == ["WBC (x10^9/L)", "Hemoglobin (g/dL)"] and table.iloc[0, 0] == 45.0
+    assert any("CBC: leukocytosis" in w.value for w in app.warning)
+
+
 def test_sign_off_is_refused_while_an_image_is_unreviewed(leuko_home, examples, accounts):
     _saved_case(leuko_home, examples, accounts)
     app = page("2_Cases.py", accounts["rita"])

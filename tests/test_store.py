@@ -14,7 +14,8 @@ from sklearn.metrics import cohen_kappa_score
 
 from leuko.cli import main
 from leuko.data import read_manifest
-from leuko.store import (CaseFilter, CaseStore, CellEntry, ImageEntry, PermissionDenied, PredictionEntry, StoreError)
+from leuko.store import (NO_LEUKOCYTE, CaseFilter, CaseStore, CellEntry, ImageEntry, PermissionDenied, PredictionEntry,
+                         StoreError)
 from leuko.store.export import case_pdf, cases_csv, export_dataset, safe_cell
 from leuko.store.models import AuditEvent
 from leuko.store.service import REPAIR_MIN_AGE_S
@@ -177,6 +178,29 @@ def test_accounts_hash_passwords_and_lock_after_repeated_failures(store):
         store.create_user("bob", "short", "analyst")
     with pytest.raises(StoreError, match="role"):
         store.create_user("bob", "long-enough", "superuser")
+
+
+def test_the_report_keeps_every_character_gives_units_and_lists_fields_without_cells(store, tmp_path):
+    """Greek, Cyrillic and symbols print as typed (the core PDF fonts turned them into '?'),
+    blood counts carry their units, a field's differential and cut cells are listed, and a
+    field in which no leukocyte was found is exported with the review that confirmed it."""
+    from pypdf import PdfReader
+
+    field_cells = [CellEntry((0, 0, 30, 30), True, png(1, 6), None, prediction()),
+                   CellEntry((50, 0, 30, 30), False, png(1, 7), None, prediction(label="normal"))]
+    case_id = store.save_case("CASE-ŁÓ-1", "anaЖ", [
+        ImageEntry(png(0, 3), "field.png", 200, 100, "field", cells=field_cells),
+        ImageEntry(png(0, 5), "empty.png", 200, 100, "field")], notes="Ζήτα — ≥5% blasts",
+        clinical={"hemoglobin": 9.0, "wbc": 40.0})
+    empty = next(i for i in store.case(case_id).images if i.original_name == "empty.png")
+    store.review(empty.id, "rita", NO_LEUKOCYTE, "checked at 100x")
+    text = " ".join(PdfReader(case_pdf(store, case_id, tmp_path / "r.pdf")).pages[0].extract_text().split())
+    for expected in ("CASE-ŁÓ-1", "anaЖ", "Ζήτα — ≥5% blasts", "hemoglobin 9 g/dL", "wbc 40 x10^9/L",
+                     "ALL 1 (50%), normal 1 (50%)", "cut by the image border",
+                     "No leukocyte was found in this field. Final: no leukocyte by rita (checked at 100x)"):
+        assert expected in text, expected
+    rows = [row for row in csv.reader(io.StringIO(cases_csv(store))) if row[4] == "empty.png"]
+    assert len(rows) == 1 and rows[0][10] == "True" and rows[0][11] == NO_LEUKOCYTE and rows[0][12] == "rita"
 
 
 def test_exports_csv_pdf_and_a_dataset_training_can_read(store, tmp_path):

@@ -29,7 +29,9 @@ def safe_cell(value) -> str:
 
 
 def cases_csv(store: CaseStore, filters: CaseFilter | None = None) -> str:
-    """One row per image or cell prediction of the matching cases, with the latest review."""
+    """One row per image or cell prediction of the matching cases, with the latest review; an
+    image with no prediction (a field in which no leukocyte was found) gets one row of its own,
+    marked as needing review, with the review that confirmed it."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["case", "status", "created_at", "created_by", "image", "cell", "task", "model", "label",
@@ -50,6 +52,13 @@ def cases_csv(store: CaseStore, filters: CaseFilter | None = None) -> str:
                         prediction.label, f"{prediction.confidence:.4f}", prediction.needs_review,
                         review.final_label if review else "", review.reviewer if review else "",
                         case.sign_off.signed_by if case.sign_off else "")])
+                if not image.predictions:
+                    review = finals.get(None)
+                    writer.writerow([safe_cell(v) for v in (
+                        case.reference, case.status, case.created_at.isoformat(), case.created_by,
+                        image.original_name, "", "", "", "", "", True,
+                        review.final_label if review else "", review.reviewer if review else "",
+                        case.sign_off.signed_by if case.sign_off else "")])
         if page * 200 >= total:
             break
         page += 1
@@ -68,41 +77,83 @@ def measures_line(measures: dict) -> str:
     return ", ".join(text.format(measures[key]) for key, text in PDF_MEASURES if measures.get(key) is not None)
 
 
-def _latin(text: str) -> str:
-    return text.encode("latin-1", "replace").decode("latin-1")
+REPORT_FONT = "DejaVu"
+"""The report's font: DejaVu Sans, shipped with matplotlib, covers Greek, Cyrillic and the
+symbols clinicians type (the PDF core fonts hold Latin-1 only and printed '?' for the rest)."""
+
+
+def _report_pdf() -> FPDF:
+    """An empty report with the Unicode font registered in its regular and bold styles."""
+    import matplotlib
+
+    fonts = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    pdf = FPDF()
+    pdf.add_font(REPORT_FONT, "", str(fonts / "DejaVuSans.ttf"))
+    pdf.add_font(REPORT_FONT, "B", str(fonts / "DejaVuSans-Bold.ttf"))
+    return pdf
+
+
+def _review_text(review) -> str:
+    """A review as the report prints it: final label, reviewer and comment."""
+    if review is None:
+        return "Not reviewed yet."
+    return f"Final: {review.final_label} by {review.reviewer}" + (f" ({review.comment})" if review.comment else "")
+
+
+def _differential_lines(image, finals: dict) -> list[str]:
+    """A field's count per class (the reviewer's final label where there is one, else the
+    model's) with percentages, and the share read as blasts for tasks that have blast
+    classes."""
+    from collections import Counter
+
+    from leuko.tasks import get_task
+
+    labels = [finals[p.cell_id].final_label if p.cell_id in finals else p.label
+              for p in image.predictions if p.cell_id is not None]
+    if not labels:
+        return []
+    counts = Counter(labels)
+    lines = ["Differential (reviewed labels where given): " + ", ".join(
+        f"{label} {n} ({100 * n / len(labels):.0f}%)" for label, n in counts.most_common()) + "."]
+    task = get_task(image.predictions[0].task)
+    if task.blast_classes:
+        blasts = sum(counts[c] for c in task.blast_classes)
+        lines.append(f"Cells read as blasts: {blasts} of {len(labels)} ({100 * blasts / len(labels):.0f}%).")
+    return lines
 
 
 def case_pdf(store: CaseStore, case_id: int, path: Path, model_summaries: dict[str, str] | None = None) -> Path:
     """A one-case PDF: images with their CAM overlays, probabilities, clinical flags, reviews,
     sign-off, the models' card summaries and the decision-support disclaimer."""
-    from leuko.clinical import ClinicalValues, flags
+    from leuko.clinical import UNITS, ClinicalValues, flags
 
     case = store.case(case_id)
-    pdf = FPDF()
+    pdf = _report_pdf()
     pdf.set_auto_page_break(True, margin=15)
     pdf.add_page()
-    pdf.set_font("Helvetica", "B", 16)
-    pdf.cell(0, 10, _latin(f"Leuko case report: {case.reference}"), new_x="LMARGIN", new_y="NEXT")
-    pdf.set_font("Helvetica", "", 9)
-    pdf.multi_cell(0, 5, _latin(DISCLAIMER), new_x="LMARGIN", new_y="NEXT")
-    pdf.multi_cell(0, 5, _latin(f"Created {case.created_at:%Y-%m-%d %H:%M} by {case.created_by}; status {case.status}"
-                                + (f"; signed by {case.sign_off.signed_by} at {case.sign_off.signed_at:%Y-%m-%d %H:%M}"
-                                   if case.sign_off else "")), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font(REPORT_FONT, "B", 16)
+    pdf.cell(0, 10, f"Leuko case report: {case.reference}", new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font(REPORT_FONT, "", 9)
+    pdf.multi_cell(0, 5, DISCLAIMER, new_x="LMARGIN", new_y="NEXT")
+    pdf.multi_cell(0, 5, f"Created {case.created_at:%Y-%m-%d %H:%M} by {case.created_by}; status {case.status}"
+                   + (f"; signed by {case.sign_off.signed_by} at {case.sign_off.signed_at:%Y-%m-%d %H:%M}"
+                      if case.sign_off else ""), new_x="LMARGIN", new_y="NEXT")
     if case.notes:
-        pdf.multi_cell(0, 5, _latin(f"Notes: {case.notes}"), new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(0, 5, f"Notes: {case.notes}", new_x="LMARGIN", new_y="NEXT")
     if case.clinical:
         values = ClinicalValues(**case.clinical)
         found = flags(values)
-        pdf.multi_cell(0, 5, _latin("Clinical values: " + ", ".join(f"{k} {v}" for k, v in values.present().items())),
+        pdf.multi_cell(0, 5, "Clinical values: " + ", ".join(
+            f"{k} {v:g} {UNITS[k]}" if k in UNITS else f"{k} {v}" for k, v in values.present().items()),
                        new_x="LMARGIN", new_y="NEXT")
         for flag in found:
-            pdf.multi_cell(0, 5, _latin(f"- {flag.describe()}"), new_x="LMARGIN", new_y="NEXT")
+            pdf.multi_cell(0, 5, f"- {flag.describe()}", new_x="LMARGIN", new_y="NEXT")
     for image in case.images:
         pdf.ln(3)
-        pdf.set_font("Helvetica", "B", 11)
-        pdf.cell(0, 7, _latin(f"{image.original_name} ({image.kind}, {image.width}x{image.height} px)"),
+        pdf.set_font(REPORT_FONT, "B", 11)
+        pdf.cell(0, 7, f"{image.original_name} ({image.kind}, {image.width}x{image.height} px)",
                  new_x="LMARGIN", new_y="NEXT")
-        pdf.set_font("Helvetica", "", 9)
+        pdf.set_font(REPORT_FONT, "", 9)
         top = pdf.get_y()
         pictures = [store.files.path(image.stored_path)]
         pictures += [store.files.path(p.cam_path) for p in image.predictions if p.cam_path and p.cell_id is None]
@@ -111,26 +162,30 @@ def case_pdf(store: CaseStore, case_id: int, path: Path, model_summaries: dict[s
                 pdf.image(str(picture), x=10 + 65 * k, y=top, h=45)
         pdf.set_y(top + 47)
         finals = {r.cell_id: r for r in image.reviews}
-        numbers = {cell.id: cell.index for cell in image.cells}
         if image.morphometrics:
-            pdf.multi_cell(0, 5, _latin(f"Morphometrics: {measures_line(image.morphometrics)}."),
+            pdf.multi_cell(0, 5, f"Morphometrics: {measures_line(image.morphometrics)}.",
                            new_x="LMARGIN", new_y="NEXT")
+        if image.kind == "field" and not image.cells:
+            pdf.multi_cell(0, 5, "No leukocyte was found in this field. " + _review_text(finals.get(None)),
+                           new_x="LMARGIN", new_y="NEXT")
+        for line in _differential_lines(image, finals):
+            pdf.multi_cell(0, 5, line, new_x="LMARGIN", new_y="NEXT")
         for prediction in image.predictions:
             probabilities = ", ".join(f"{k} {v:.3f}" for k, v in prediction.probabilities.items())
             review = finals.get(prediction.cell_id)
-            where = f"cell #{numbers[prediction.cell_id]}: " if prediction.cell_id in numbers else ""
-            pdf.multi_cell(0, 5, _latin(
-                f"{where}{prediction.label} (confidence {prediction.confidence:.3f}"
-                f"{', NEEDS REVIEW' if prediction.needs_review else ''}) by {prediction.model_id}; {probabilities}. "
-                + (f"Final: {review.final_label} by {review.reviewer}" + (f" ({review.comment})" if review.comment else "")
-                   if review else "Not reviewed yet.")), new_x="LMARGIN", new_y="NEXT")
+            cell = next((c for c in image.cells if c.id == prediction.cell_id), None)
+            where = (f"cell #{cell.index}" + (" (cut by the image border)" if cell.touches_border else "")
+                     + (f", {measures_line(cell.morphometrics)}" if cell.morphometrics else "") + ": ") if cell else ""
+            pdf.multi_cell(0, 5, f"{where}{prediction.label} (confidence {prediction.confidence:.3f}"
+                           f"{', NEEDS REVIEW' if prediction.needs_review else ''}) by {prediction.model_id}; "
+                           f"{probabilities}. {_review_text(review)}", new_x="LMARGIN", new_y="NEXT")
     if model_summaries:
         pdf.ln(3)
-        pdf.set_font("Helvetica", "B", 11)
+        pdf.set_font(REPORT_FONT, "B", 11)
         pdf.cell(0, 7, "Models", new_x="LMARGIN", new_y="NEXT")
-        pdf.set_font("Helvetica", "", 8)
+        pdf.set_font(REPORT_FONT, "", 8)
         for model, summary in model_summaries.items():
-            pdf.multi_cell(0, 4, _latin(f"{model}: {summary}"), new_x="LMARGIN", new_y="NEXT")
+            pdf.multi_cell(0, 4, f"{model}: {summary}", new_x="LMARGIN", new_y="NEXT")
     path.parent.mkdir(parents=True, exist_ok=True)
     pdf.output(str(path))
     return path

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from leuko.clinical import LABELS, UNITS, ClinicalValues, flags
 from leuko.store import NO_LEUKOCYTE, CaseFilter, CaseStore, PermissionDenied, StoreError, StoreUnavailableError
 from leuko.store.export import case_pdf, cases_csv
 from leuko.store.models import ImageRecord
@@ -201,7 +202,11 @@ def case_detail(store: CaseStore, case_id: int, user: dict) -> None:
     if case.notes:
         st.markdown(f"Notes: {case.notes}")
     if case.clinical:
-        st.dataframe(pd.DataFrame([case.clinical]), hide_index=True)
+        values = ClinicalValues(**case.clinical)
+        st.dataframe(pd.DataFrame([{f"{LABELS.get(k, k)} ({UNITS[k]})" if k in UNITS else LABELS.get(k, k): v
+                                    for k, v in values.present().items()}]), hide_index=True)
+        for flag in flags(values):
+            st.warning(f"CBC: {flag.describe()}")
     for image in case.images:
         review_image(store, image, user, signed)
     left, right = st.columns(2)
