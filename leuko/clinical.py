@@ -67,12 +67,14 @@ LABELS = {"age": "Age", "sex": "Sex", "wbc": "WBC", "rbc": "RBC", "hemoglobin": 
           "lymphocytes_pct": "Lymphocytes %", "lymphocytes_abs": "Lymphocytes (absolute)",
           "neutrophils_abs": "Neutrophils (absolute)", "blasts_pct": "Peripheral blasts %", "ldh": "LDH"}
 
-POSSIBLE = {"age": (0.0, 120.0), "wbc": (0.0, 1000.0), "rbc": (0.0, 10.0), "hemoglobin": (0.0, 25.0),
-            "hematocrit": (0.0, 80.0), "mcv": (40.0, 160.0), "platelets": (0.0, 5000.0),
+POSSIBLE = {"age": (0.0, 120.0), "wbc": (0.01, 1000.0), "rbc": (0.0, 10.0), "hemoglobin": (0.0, 25.0),
+            "hematocrit": (0.0, 80.0), "mcv": (40.0, 160.0), "platelets": (1.0, 5000.0),
             "lymphocytes_pct": (0.0, 100.0), "lymphocytes_abs": (0.0, 1000.0), "neutrophils_abs": (0.0, 1000.0),
             "blasts_pct": (0.0, 100.0), "ldh": (0.0, 50000.0)}
 """Physiologically possible limits: values outside are data-entry errors, not disease
-(a WBC of several hundred x10^9/L does occur in hyperleukocytic leukemia)."""
+(a WBC of several hundred x10^9/L does occur in hyperleukocytic leukemia). The WBC and
+platelet floors lie below any count measured in a living patient, so a count typed in
+x10^3/uL under the unit /uL (WBC 5.2 becoming 0.0052 x10^9/L) is refused, not flagged."""
 
 CONVERSIONS: dict[str, dict[str, float]] = {
     "hemoglobin": {"g/dL": 1.0, "g/L": 0.1, "mmol/L": 1.611},
@@ -124,8 +126,10 @@ def validate(values: ClinicalValues) -> ClinicalValues:
             raise ClinicalValueError(item.name, f"{value!r} is not a number")
         low, high = POSSIBLE[item.name]
         if not math.isfinite(value) or not low <= value <= high:
-            raise ClinicalValueError(item.name, f"{value} {UNITS[item.name]} is impossible; accepted range is "
-                                                f"{low:g}-{high:g} {UNITS[item.name]}")
+            hint = (" (check the unit: a count per microlitre and one in thousands per microlitre differ "
+                    "1000-fold)" if item.name in CONVERSIONS and "/uL" in CONVERSIONS[item.name] else "")
+            raise ClinicalValueError(item.name, f"{value:g} {UNITS[item.name]} is impossible; accepted range is "
+                                                f"{low:g}-{high:g} {UNITS[item.name]}{hint}")
     if values.lymphocytes_pct is not None and values.blasts_pct is not None \
             and values.lymphocytes_pct + values.blasts_pct > 100.0:
         raise ClinicalValueError("lymphocytes_pct", f"lymphocytes {values.lymphocytes_pct}% and blasts "
@@ -169,6 +173,11 @@ REFERENCE: dict[str, dict[str, Range]] = {
 
 HEMOGLOBIN = {"infant": Range(10.5, 14.0), "1-5 y": Range(11.0, 14.0), "6-11 y": Range(11.5, 15.5),
               "12-17 y": Range(12.0, 16.0), "adult female": Range(12.0, 16.0), "adult male": Range(13.0, 17.0)}
+WHO_ANAEMIA_BELOW = ((0.5, 11.0), (5.0, 11.5), (12.0, 12.0), (15.0, 12.0))
+"""WHO anaemia thresholds (g/dL) from each age (years) to the next (WHO 2011, above); from 15
+years 12.0 for women and 13.0 for men. They set haemoglobin's lower limit from six months on,
+so the limits change at 5, 12 and 15 years, not at the other tables' band edges."""
+WHO_ANAEMIA_BELOW_MEN = 13.0
 HEMATOCRIT = {"child": Range(33.0, 45.0), "adult female": Range(36.0, 46.0), "adult male": Range(40.0, 50.0)}
 RBC = {"child": Range(3.9, 5.3), "adult female": Range(3.8, 4.8), "adult male": Range(4.5, 5.5)}
 
@@ -193,10 +202,17 @@ def reference_range(field: str, age: float | None = None, sex: Sex | None = None
     if table is None:
         return None
     if band != "adult":
-        return table.get(band, table.get("child"))
-    if sex is None:
-        return Range(table["adult female"].low, table["adult male"].high)
-    return table[f"adult {sex}"]
+        interval = table.get(band, table.get("child"))
+    elif sex is None:
+        interval = Range(table["adult female"].low, table["adult male"].high)
+    else:
+        interval = table[f"adult {sex}"]
+    if field == "hemoglobin" and age is not None and age >= WHO_ANAEMIA_BELOW[0][0]:
+        low = next(limit for start, limit in reversed(WHO_ANAEMIA_BELOW) if age >= start)
+        if age >= 15.0 and sex == "male":
+            low = WHO_ANAEMIA_BELOW_MEN
+        interval = Range(low, interval.high)
+    return interval
 
 
 @dataclass(frozen=True)

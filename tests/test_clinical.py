@@ -89,6 +89,16 @@ def test_reference_ranges_depend_on_age_and_sex():
     assert reference_range("lymphocytes_pct", 30) is None
 
 
+@pytest.mark.parametrize("age, sex, hemoglobin, anaemic", [
+    (4.0, None, 11.2, False), (5.5, None, 11.2, True), (11.9, "female", 11.8, False), (13.0, "male", 11.9, True),
+    (16.0, "male", 12.5, True), (16.0, "female", 12.5, False), (16.0, None, 12.5, False), (0.2, None, 10.6, False)])
+def test_anaemia_follows_the_who_age_thresholds(age, sex, hemoglobin, anaemic):
+    """WHO: 11.0 g/dL from 6 months, 11.5 from 5 years, 12.0 from 12, and from 15 years 13.0
+    for men (12.0 for women); the flag used to wait for the 6- and 18-year band edges."""
+    found = {f.name for f in flags(validate(ClinicalValues(age=age, sex=sex, hemoglobin=hemoglobin)))}
+    assert ("anemia" in found) == anaemic
+
+
 number = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6),
                    st.text(max_size=3), st.booleans())
 
@@ -108,3 +118,11 @@ def test_no_input_crashes_validation(values, sex):
         assert all(f.name and f.meaning for f in found)
         assert all(v is None or (isinstance(v, (int, float)) and math.isfinite(v)) for k, v in entry.present().items()
                    if k != "sex")
+
+
+@pytest.mark.parametrize("field, value, unit", [("wbc", 5.2, "/uL"), ("platelets", 150.0, "/uL")])
+def test_a_count_typed_in_the_wrong_unit_is_refused_with_a_hint(field, value, unit):
+    """WBC 5.2 under /uL is 0.0052 x10^9/L, below any living patient's count: refused with a
+    hint about the unit instead of being flagged as leukopenia."""
+    with pytest.raises(ClinicalValueError, match="check the unit"):
+        validate(ClinicalValues(**{field: convert(field, value, unit)}))
