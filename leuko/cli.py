@@ -82,7 +82,7 @@ def _predict(args: argparse.Namespace) -> int:
     written = 0
     try:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in predictor.classes)])
+        writer.writerow(["path", "label", "confidence", "needs_review", *(f"p_{c}" for c in predictor.classes)])
         batch: list[tuple[Path, object]] = []
 
         def flush() -> None:
@@ -90,7 +90,7 @@ def _predict(args: argparse.Namespace) -> int:
             if not batch:
                 return
             for (path, _), result in zip(batch, predictor.predict([image for _, image in batch])):
-                writer.writerow([str(path), result.label, f"{result.confidence:.6f}",
+                writer.writerow([str(path), result.label, f"{result.confidence:.6f}", result.needs_review,
                                  *(f"{p:.6f}" for p in result.probabilities)])
                 written += 1
             batch.clear()
@@ -139,6 +139,16 @@ def _models(args: argparse.Namespace) -> int:
     return 1 if failures and args.check else 0
 
 
+def _unique_name(stem: str, suffix: str, used: set[str]) -> str:
+    """``<stem><suffix>``, or ``<stem>-2<suffix>``, ``-3``... when an earlier input of the same
+    run had that stem (images of the same name in different folders), recorded in ``used``."""
+    name, copy = f"{stem}{suffix}", 2
+    while name in used:
+        name, copy = f"{stem}-{copy}{suffix}", copy + 1
+    used.add(name)
+    return name
+
+
 def _segment(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
@@ -158,10 +168,7 @@ def _segment(args: argparse.Namespace) -> int:
         except (ImageError, SegmentationError) as exc:
             print(f"skipped {exc}", file=sys.stderr)
             continue
-        name, copy = f"{path.stem}_mask.png", 2
-        while name in used:
-            name, copy = f"{path.stem}-{copy}_mask.png", copy + 1
-        used.add(name)
+        name = _unique_name(path.stem, "_mask.png", used)
         Image.fromarray(result.mask).save(out_dir / name)
         done += 1
         if not result.cells:
@@ -217,7 +224,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     predictor = Predictor(args.model, task=args.task, device=args.device)
     out_dir = Path(args.out_dir)
-    done = 0
+    done, used = 0, set()
     with Explainer(predictor) as explainer:
         for path in find_images(args.paths):
             try:
@@ -227,7 +234,7 @@ def _explain(args: argparse.Namespace) -> int:
                 continue
             result = explainer.explain(rgb, args.class_id, args.method)
             rendered = overlay(rgb, result.cam, args.colormap, args.opacity)
-            target = save_png(side_by_side(rgb, rendered), out_dir / f"{path.stem}_cam.png")
+            target = save_png(side_by_side(rgb, rendered), out_dir / _unique_name(path.stem, "_cam.png", used))
             print(f"{path}: {result.method} for {result.class_id} (p = {result.probability:.3f}) -> {target}")
             done += 1
     return 0 if done else 1

@@ -82,6 +82,18 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
     return path
 
 
+def strict_json(value):
+    """``value`` with every NaN or infinite float (an empty reliability bin, an undefined
+    score) replaced by ``None``, so the file is JSON that strict readers (browsers, jq) accept."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_report(report: dict, out_dir: Path) -> list[Path]:
     """Write ``metrics.json`` and PNG plots (confusion matrix, ROC, PR, reliability)."""
     import matplotlib
@@ -89,7 +101,7 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(strict_json(report), indent=2, allow_nan=False))
     written = [out_dir / "metrics.json"]
     metrics, model = report["metrics"], report["model"]
 

@@ -274,12 +274,15 @@ class ModelStore:
         return rows
 
     def load(self, model_id: str | None = None, task: str | None = None) -> LoadedModel:
-        """Verify and load a model by id (or the task's default) onto the CPU, in eval mode."""
+        """Verify and load a model by id (or the task's default) onto the CPU, in eval mode;
+        a model of another task than ``task`` is refused with a ``ValueError``."""
         if model_id is None:
             if task is None:
                 raise ValueError("give a model id or a task")
             model_id = self.default_id(task)
         card = self.verify(model_id)
+        if task is not None and card.task != task:
+            raise ValueError(f"model {model_id!r} is for task {card.task!r}, not {task!r}")
         _, folder = self.locate(model_id)
         try:
             state = load_file(str(folder / f"{model_id}.safetensors"))

@@ -42,8 +42,12 @@ def test_predict_prints_the_csv_contract_and_skips_unreadable_files(trained, bin
                           str(folder), str(tmp_path / "broken.png")], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     rows = list(csv.DictReader(io.StringIO(run.stdout)))
-    assert list(rows[0]) == ["path", "label", "confidence", "p_ALL", "p_normal"]
+    assert list(rows[0]) == ["path", "label", "confidence", "needs_review", "p_ALL", "p_normal"]
     assert len(rows) == 8
+    from leuko.predict import REVIEW_CONFIDENCE
+    threshold = json.loads((trained / "models" / "cli-model.json").read_text())["review_threshold"] or REVIEW_CONFIDENCE
+    clear = [row for row in rows if abs(float(row["confidence"]) - threshold) > 1e-5]
+    assert clear and all(row["needs_review"] == str(float(row["confidence"]) < threshold) for row in clear)
     for row in rows:
         assert abs(float(row["p_ALL"]) + float(row["p_normal"]) - 1.0) < 1e-5
         assert row["label"] in ("ALL", "normal")

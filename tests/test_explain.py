@@ -171,6 +171,12 @@ def test_explain_command_writes_cam_pngs(tmp_path, monkeypatch):
                  "--out-dir", str(tmp_path / "cams"), str(tmp_path / "cell.png"), str(tmp_path / "broken.png")]) == 0
     written = Image.open(tmp_path / "cams" / "cell_cam.png")
     assert written.size == (64 * 2 + 4, 64)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(synthetic_cell(0, 64)).save(tmp_path / folder / "same.png")
+    assert main(["explain", "--task", "all_binary", "--model", "m-efficientnet_lite0", "--out-dir",
+                 str(tmp_path / "twins"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert sorted(p.name for p in (tmp_path / "twins").iterdir()) == ["same-2_cam.png", "same_cam.png"]
 
 
 def test_every_architecture_declares_a_target_layer():

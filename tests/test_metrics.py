@@ -63,3 +63,25 @@ def test_review_threshold_keeps_99_percent_accuracy_above_it():
     assert (y_true[above] == y_pred[above]).mean() >= 0.99
     assert 0.5 < t < 1.0 and review_share(probs, t) == pytest.approx(1 - above.mean())
     assert review_threshold(np.array([1, 1]), np.array([[0.9, 0.1], [0.8, 0.2]])) == 1.0
+
+
+def test_the_written_report_is_strict_json_with_empty_bins_as_null(tmp_path):
+    """Empty reliability bins are NaN in memory; the file must parse in strict readers."""
+    import json
+
+    from leuko.calibration import calibrated_probabilities
+    from leuko.evaluate import metrics_from_logits, write_report
+    from leuko.metrics import reliability_curve, roc_pr_curves
+
+    labels = np.array([0, 1] * 8)
+    logits = np.random.default_rng(0).normal(size=(16, 2))
+    probs = calibrated_probabilities(logits, 1.0)
+    write_report({"model": "m", "task": "all_binary", "metrics": metrics_from_logits(logits, labels, "all_binary", 1.0),
+                  "curves": roc_pr_curves(labels, probs, ["ALL", "normal"]),
+                  "reliability": reliability_curve(labels, probs)}, tmp_path)
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert None in report["reliability"]["confidence"] and (tmp_path / "reliability.png").is_file()
