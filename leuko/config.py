@@ -99,9 +99,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):
+            unknown = set(self.preprocess) - {f.name for f in fields(PreprocessConfig)}
+            if unknown:
+                raise ValueError(f"unknown preprocessing setting(s): {', '.join(sorted(unknown))}")
             self.preprocess = PreprocessConfig(**self.preprocess)
         if self.zoom_range is not None:
+            if len(self.zoom_range) != 2 or not 0.0 < float(self.zoom_range[0]) <= float(self.zoom_range[1]):
+                raise ValueError(f"zoom_range must be two factors, 0 < low <= high, not {self.zoom_range}")
             self.zoom_range = (float(self.zoom_range[0]), float(self.zoom_range[1]))
+            if self.view_zoom > 1.0 and not self.zoom_range[0] <= self.view_zoom <= self.zoom_range[1]:
+                raise ValueError(f"zoom_range {self.zoom_range} must span view_zoom {self.view_zoom}: training would "
+                                 "show cells at other sizes than prediction does")
+        self._check_numbers()
+        self._check_extra_train()
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.scheduler not in ("plateau", "cosine"):
@@ -109,8 +119,42 @@ class TrainConfig:
         check_view_zoom(self.view_zoom)
         if not 0.0 <= self.background_replacement <= 1.0:
             raise ValueError(f"background_replacement must be within 0-1, not {self.background_replacement}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be at least 1")
+
+    def _check_numbers(self) -> None:
+        """Refuse counts and rates that would crash a run late or quietly ruin it."""
+        least = {"epochs": 1, "batch_size": 1, "train_repeat": 1, "freeze_stages": 0, "plateau_patience": 1,
+                 "early_stopping_patience": 1, "num_workers": 0, "seed": 0, "input_size": 16, "freeze_epochs": 0,
+                 "limit_train": 1, "max_steps_per_epoch": 1}
+        for name, minimum in least.items():
+            value = getattr(self, name)
+            if value is None and name in ("input_size", "freeze_epochs", "limit_train", "max_steps_per_epoch"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be a whole number of at least {minimum}, not {value!r}")
+        within = {"stain_jitter": (0.0, 1.0), "label_smoothing": (0.0, 0.99), "clinical_dropout": (0.0, 1.0),
+                  "plateau_factor": (0.01, 0.99), "finetune_lr_factor": (1e-6, 1.0)}
+        for name, (low, high) in within.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{name} must be a number within {low:g}-{high:g}, not {value!r}")
+        for name in ("lr", "weight_decay", "eps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+                                      or (name != "weight_decay" and value == 0)):
+                raise ValueError(f"{name} must be a positive number, not {value!r}")
+
+    def _check_extra_train(self) -> None:
+        """Extra sources may only add another task's ``train`` split: a task's own images, or
+        any val, test or external rows, would leak into training."""
+        for extra in self.extra_train or []:
+            if not isinstance(extra, dict) or set(extra) - {"task", "split", "label_map"} \
+                    or "task" not in extra or not isinstance(extra.get("label_map"), dict):
+                raise ValueError(f"each extra_train entry is {{task, split, label_map}}, not {extra!r}")
+            if extra["task"] == self.task:
+                raise ValueError(f"extra_train cannot add {self.task}'s own images; its train split is used already")
+            if extra.get("split", "train") != "train":
+                raise ValueError(f"extra_train may add only a train split, not {extra['split']!r}: other splits "
+                                 "are for choosing and judging models")
 
     def to_dict(self) -> dict:
         return asdict(self)

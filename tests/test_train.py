@@ -84,3 +84,28 @@ def test_cosine_schedule_decays_to_zero_over_the_run(binary_folder, tmp_path):
     result = train_model(_config(binary_folder, tmp_path, epochs=3, scheduler="cosine", max_steps_per_epoch=1))
     rates = [row["lr"] for row in result.history]
     assert rates[0] == pytest.approx(3e-3) and rates[0] > rates[1] > rates[2] > 0
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"extra_train": [{"task": "all_binary", "split": "test", "label_map": {"ALL": "ALL"}}]}, "own images"),
+    ({"extra_train": [{"task": "ball_subtype", "split": "val", "label_map": {"Pro": "ALL"}}]}, "only a train split"),
+    ({"extra_train": [{"task": "ball_subtype"}]}, "each extra_train entry"),
+    ({"max_steps_per_epoch": -1}, "max_steps_per_epoch"),
+    ({"early_stopping_patience": 0}, "early_stopping_patience"),
+    ({"freeze_epochs": -1}, "freeze_epochs"),
+    ({"epochs": "10"}, "epochs"),
+    ({"plateau_factor": 1.0}, "plateau_factor"),
+    ({"label_smoothing": 1.5}, "label_smoothing"),
+    ({"zoom_range": [2.0, 1.0]}, "0 < low <= high"),
+    ({"zoom_range": [1.0]}, "two factors"),
+    ({"zoom_range": [0.8, 1.2], "view_zoom": 2.0}, "must span view_zoom"),
+    ({"preprocess": {"equalisation": "clahe"}}, "unknown preprocessing"),
+    ({"preprocess": {"equalization": "CLAHE"}}, "equalization must be one of"),
+    ({"lr": 0}, "lr must be a positive"),
+])
+def test_settings_that_would_leak_data_crash_late_or_ruin_a_run_are_refused_up_front(settings, words):
+    """Each used to be accepted: extra sources could add the task's own test split or
+    another task's val rows to training, and the rest crashed mid-run or silently trained
+    nothing (``max_steps_per_epoch: -1``) or stopped after one epoch (patience 0)."""
+    with pytest.raises(ValueError, match=words):
+        TrainConfig(task="all_binary", **settings)
