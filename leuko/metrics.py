@@ -69,6 +69,8 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names
                            positive_index: int | None = None) -> dict:
     """Accuracy, balanced accuracy, macro and per-class precision, sensitivity (recall),
     specificity and F1, MCC, ROC AUC, log loss, Brier score, ECE and the confusion matrix.
+    Macro averages run over the classes present in ``y_true`` (as balanced accuracy and
+    AUC do), so a class absent from an evaluation set does not count as a zero.
 
     For a binary task with ``positive_index`` the top-level ``sensitivity``/``specificity``
     are those of the positive class, as clinicians read them.
@@ -81,15 +83,16 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
     specificity = _specificities(confusion)
+    present = support > 0
     onehot = np.eye(len(labels))[y_true]
     result = {
         "n": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
-        "precision_macro": float(precision.mean()),
-        "sensitivity_macro": float(recall.mean()),
+        "precision_macro": float(precision[present].mean()),
+        "sensitivity_macro": float(recall[present].mean()),
         "specificity_macro": float(np.nanmean(specificity)),
-        "f1_macro": float(f1.mean()),
+        "f1_macro": float(f1[present].mean()),
         "mcc": float(skm.matthews_corrcoef(y_true, y_pred)),
         "roc_auc": roc_auc(y_true, probs, positive_index),
         "log_loss": float(skm.log_loss(y_true, np.clip(probs, 1e-12, 1.0), labels=labels)),

@@ -215,6 +215,27 @@ def _distributed_setup(config: TrainConfig) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, torch.device("cpu")
 
 
+RESUME_MUST_MATCH = ("task", "arch", "input_size", "freeze_stages", "freeze_epochs", "view_zoom")
+"""Settings a resumed run must share with its checkpoint: the weights and optimizer state
+saved there only fit a run with the same ones."""
+
+
+def _checkpoint_to_resume(run_dir: Path, config: TrainConfig) -> dict:
+    """The saved training state of ``run_dir``; raises ``ValueError`` when there is none (a
+    new model id or another output folder: the run would silently start over) or when it was
+    trained with other :data:`RESUME_MUST_MATCH` settings."""
+    path = run_dir / "state.json"
+    if not path.is_file():
+        raise ValueError(f"nothing to resume in {run_dir}: give the interrupted run's model id and output folder")
+    payload = json.loads(path.read_text())
+    saved = payload.get("config", {})
+    changed = [name for name in RESUME_MUST_MATCH if name in saved and saved[name] != getattr(config, name)]
+    if changed:
+        raise ValueError(f"the run in {run_dir} was trained with other {', '.join(changed)} "
+                         f"({', '.join(f'{n}={saved[n]!r}' for n in changed)}); resume with the same settings")
+    return payload
+
+
 def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
                 should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train ``config.arch`` on ``config.task`` and return the best-validation-loss network.
@@ -270,7 +291,7 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(config.freeze_epochs))
+            find_unused_parameters=bool(config.freeze_epochs) or get_arch(config.arch).fusion)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     run_dir = Path(config.out_dir) / config.model_id
 
@@ -294,8 +315,8 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
     start_epoch, stale_epochs, previous_elapsed = 1, 0, 0.0
     best_state: dict[str, torch.Tensor] | None = None
     optimizer, scheduler = start_phase(phase_of(1))
-    if config.resume and (run_dir / "state.json").is_file():
-        payload = json.loads((run_dir / "state.json").read_text())
+    if config.resume:
+        payload = _checkpoint_to_resume(run_dir, config)
         network.load_state_dict(load_file(str(run_dir / "last_model.safetensors"), device=str(device)))
         start_epoch = payload["epoch"] + 1
         optimizer, scheduler = start_phase(phase_of(start_epoch))

@@ -115,11 +115,14 @@ def test_bench_on_a_cuda_machine_skips_cuda_for_cpu_only_runtimes(monkeypatch, b
     assert benched == devices
 
 
-def test_torchrun_trains_with_distributed_data_parallel_on_the_cpu(binary_folder, tmp_path):
-    """Two gloo processes train one model; only rank 0 registers it."""
+@pytest.mark.parametrize("arch, port", [("seed004_squeezenet", 29533), ("fusion_lite0", 29534)])
+def test_torchrun_trains_with_distributed_data_parallel_on_the_cpu(binary_folder, tmp_path, arch, port):
+    """Two gloo processes train one model; only rank 0 registers it. The fusion network
+    keeps its image head's unused classifier, which DDP must be told about (it stopped at
+    the second step)."""
     env = {"LEUKO_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          "-m", "leuko", "train", "--task", "all_binary", "--arch", "seed004_squeezenet",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "-m", "leuko", "train", "--task", "all_binary", "--arch", arch,
                           "--folder", str(binary_folder), "--pretrained", "none", "--input-size", "48",
                           "--epochs", "1", "--batch-size", "8", "--workers", "0", "--model-id", "ddp",
                           "--out-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env, timeout=300)

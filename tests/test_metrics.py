@@ -85,3 +85,12 @@ def test_the_written_report_is_strict_json_with_empty_bins_as_null(tmp_path):
 
     report = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
     assert None in report["reliability"]["confidence"] and (tmp_path / "reliability.png").is_file()
+
+
+def test_macro_figures_leave_out_a_class_absent_from_the_evaluated_set():
+    """A perfect classifier on a set without one class scores 1 on macro F1 and sensitivity
+    (it scored 0.8 with five classes: the absent one counted as a zero)."""
+    y_true = np.array([0, 1, 2, 3] * 5)
+    probs = np.eye(5)[y_true]
+    metrics = classification_metrics(y_true, probs, ["a", "b", "c", "d", "e"])
+    assert metrics["f1_macro"] == metrics["sensitivity_macro"] == metrics["precision_macro"] == 1.0

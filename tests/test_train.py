@@ -44,6 +44,10 @@ def test_resume_continues_from_the_last_checkpoint(binary_folder, tmp_path):
     assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
     state = json.loads((tmp_path / "runs" / "t" / "state.json").read_text())
     assert state["epoch"] == 3
+    with pytest.raises(ValueError, match="other input_size"):
+        train_model(_config(binary_folder, tmp_path, epochs=4, optimizer="adam", resume=True, input_size=40))
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train_model(_config(binary_folder, tmp_path / "elsewhere", epochs=4, optimizer="adam", resume=True))
 
 
 def test_same_seed_gives_the_same_weights(binary_folder, tmp_path):
