@@ -7,9 +7,14 @@ the dashboard's "needs review" threshold relies on.
 
 from __future__ import annotations
 
+import logging
+import math
+
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
 
 
 def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
@@ -17,7 +22,8 @@ def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torc
     """Return the temperature minimising the NLL of ``softmax(logits / T)`` on ``labels``.
 
     Optimised over log T with L-BFGS, so T stays positive; the result is clamped to
-    [0.05, 20] so a degenerate validation set cannot produce an absurd value.
+    [0.05, 20] so a degenerate validation set cannot produce an absurd value, and a fit that
+    does not converge (a non-finite logit) leaves T = 1 with a logged warning.
     """
     logits_t = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
@@ -31,7 +37,11 @@ def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torc
         return loss
 
     optimizer.step(closure)
-    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+    temperature = log_t.exp().item()
+    if not math.isfinite(temperature):
+        log.warning("temperature scaling did not converge (non-finite validation logits); keeping T = 1")
+        return 1.0
+    return float(np.clip(temperature, 0.05, 20.0))
 
 
 def calibrated_probabilities(logits: np.ndarray | torch.Tensor, temperature: float) -> np.ndarray:

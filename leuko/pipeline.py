@@ -29,12 +29,18 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
     ``torchrun`` only rank 0 registers the model and the other ranks return ``None``. An id
     that a model of another task has is refused before training. When no epoch was validated
     (stopped before the first one finished) nothing is registered: the callbacks are told why
-    and ``None`` is returned, so untrained weights never become a model.
+    and ``None`` is returned, so untrained weights never become a model. A test split that
+    cannot be read is refused before training, not after it.
     """
     store = store or ModelStore()
     callbacks = list(callbacks)
     if config.model_id:
         store.check_new_id(config.model_id, config.task, replace=True, folder=folder)
+    try:
+        load_split(config, get_task(config.task), "test")
+    except ValueError as exc:
+        raise ValueError(f"the test split cannot be read, so the model could not be evaluated after training "
+                         f"(checked before it starts): {exc}") from exc
     result = train_model(config, callbacks, should_stop)
     if result.rank != 0:
         return None

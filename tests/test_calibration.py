@@ -25,3 +25,9 @@ def test_calibration_keeps_the_predicted_class_and_sums_to_one():
     probs = calibrated_probabilities(logits, 3.0)
     assert np.allclose(probs.sum(1), 1.0)
     assert np.array_equal(probs.argmax(1), logits.argmax(1))
+
+
+def test_a_non_finite_logit_leaves_the_temperature_at_one():
+    """A NaN temperature would turn every later probability into NaN."""
+    logits = np.array([[np.inf, 0.0], [0.0, 2.0], [1.0, 0.0]])
+    assert fit_temperature(logits, np.array([0, 1, 0])) == 1.0

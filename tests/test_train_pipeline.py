@@ -43,3 +43,16 @@ def test_retraining_a_shipped_default_under_its_id_still_works(binary_folder, tm
                               folder=shipped)
     assert card is not None and card.default and card.training["best_epoch"] == 1
     assert ModelStore([shipped]).default_id("all_binary") == "m"
+
+
+def test_a_folder_without_a_test_split_is_refused_before_training(binary_folder, tmp_path):
+    """It used to train the whole run and then fail at the test evaluation."""
+    import shutil
+
+    partial = tmp_path / "partial"
+    for split in ("train", "val"):
+        shutil.copytree(binary_folder / split, partial / split)
+    events: list[ProgressEvent] = []
+    with pytest.raises(ValueError, match="test split cannot be read"):
+        train_and_register(_config(partial, tmp_path), ModelStore([tmp_path / "models"]), [events.append])
+    assert events == [] and not (tmp_path / "runs").exists()
