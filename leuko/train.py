@@ -215,6 +215,22 @@ def _distributed_setup(config: TrainConfig) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, torch.device("cpu")
 
 
+def _check_network_takes(network: LeukoNet, config: TrainConfig, device: torch.device) -> None:
+    """Raise ``ValueError`` before the first step when the architecture cannot take the
+    configured input size (its pooling shrinks small images to nothing) or a batch of one (a
+    head that normalises over the batch), which would otherwise fail inside the first step."""
+    if config.batch_size < 2 and any(isinstance(m, nn.BatchNorm1d) for m in network.modules()):
+        raise ValueError(f"{config.arch} normalises its head over each batch: batch_size must be at least 2")
+    network.eval()
+    try:
+        with torch.no_grad():
+            network(torch.zeros(1, 3, config.input_size, config.input_size, device=device))
+    except RuntimeError as exc:
+        raise ValueError(f"{config.arch} cannot take {config.input_size} px images ({exc}); "
+                         "choose a larger input size") from exc
+    network.train()
+
+
 RESUME_MUST_MATCH = ("task", "arch", "input_size", "freeze_stages", "freeze_epochs", "view_zoom")
 """Settings a resumed run must share with its checkpoint: the weights and optimizer state
 saved there only fit a run with the same ones."""
@@ -283,6 +299,7 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
 
     network = build_model(config.arch, task.num_classes, config.pretrained).to(device)
+    _check_network_takes(network, config, device)
     network.freeze_early_stages(config.freeze_stages)
     use_amp = config.amp and device.type == "cuda"
     if config.channels_last:

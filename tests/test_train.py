@@ -113,3 +113,13 @@ def test_settings_that_would_leak_data_crash_late_or_ruin_a_run_are_refused_up_f
     nothing (``max_steps_per_epoch: -1``) or stopped after one epoch (patience 0)."""
     with pytest.raises(ValueError, match=words):
         TrainConfig(task="all_binary", **settings)
+
+
+@pytest.mark.parametrize("arch, overrides, words", [
+    ("seed003_alexnet", {"input_size": 32}, "cannot take 32 px"),
+    ("seed003_alexnet", {"batch_size": 1, "input_size": 64}, "batch_size must be at least 2"),
+])
+def test_an_architecture_that_cannot_take_the_settings_is_refused_before_the_first_step(
+        binary_folder, tmp_path, arch, overrides, words):
+    with pytest.raises(ValueError, match=words):
+        train_model(_config(binary_folder, tmp_path, arch=arch, **overrides))
