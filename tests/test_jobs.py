@@ -125,19 +125,12 @@ def test_reviewed_crops_are_exported_with_every_split_filled(tmp_path):
     store.close()
 
 
-def test_reviewed_crops_without_a_test_crop_are_refused_and_leave_no_copies(tmp_path):
-    """Ten crops whose digests put none in the test split (the first ten of this test's
-    crops): training on them would fail at its test evaluation."""
-    store = _signed_crops(tmp_path / "home", 10)
-    with pytest.raises(ValueError, match="none of the 10 crops falls in the test split"):
-        export_reviewed_crops(store, "all_binary", tmp_path / "data")
-    assert not (tmp_path / "data").exists()
-    store.close()
-
-
-def test_too_few_reviewed_crops_are_refused_and_leave_no_copies(tmp_path):
-    store = _signed_crops(tmp_path / "home", 9)
-    with pytest.raises(ValueError, match="only 9 crop"):
+@pytest.mark.parametrize("count, reason", [(9, "only 9 crop"), (10, "none of the 10 crops falls in the test split")])
+def test_too_few_reviewed_crops_or_none_for_testing_are_refused_and_leave_no_copies(tmp_path, count, reason):
+    """Nine crops are too few; the first ten of this test's crops have digests that put none
+    in the test split, so training on them would fail at its test evaluation."""
+    store = _signed_crops(tmp_path / "home", count)
+    with pytest.raises(ValueError, match=reason):
         export_reviewed_crops(store, "all_binary", tmp_path / "data")
     assert not (tmp_path / "data").exists()
     store.close()
