@@ -67,14 +67,17 @@ LABELS = {"age": "Age", "sex": "Sex", "wbc": "WBC", "rbc": "RBC", "hemoglobin": 
           "lymphocytes_pct": "Lymphocytes %", "lymphocytes_abs": "Lymphocytes (absolute)",
           "neutrophils_abs": "Neutrophils (absolute)", "blasts_pct": "Peripheral blasts %", "ldh": "LDH"}
 
-POSSIBLE = {"age": (0.0, 120.0), "wbc": (0.01, 1000.0), "rbc": (0.0, 10.0), "hemoglobin": (0.0, 25.0),
-            "hematocrit": (0.0, 80.0), "mcv": (40.0, 160.0), "platelets": (1.0, 5000.0),
+POSSIBLE = {"age": (0.0, 120.0), "wbc": (0.0, 1000.0), "rbc": (0.0, 10.0), "hemoglobin": (0.0, 25.0),
+            "hematocrit": (0.0, 80.0), "mcv": (40.0, 160.0), "platelets": (0.0, 5000.0),
             "lymphocytes_pct": (0.0, 100.0), "lymphocytes_abs": (0.0, 1000.0), "neutrophils_abs": (0.0, 1000.0),
             "blasts_pct": (0.0, 100.0), "ldh": (0.0, 50000.0)}
 """Physiologically possible limits: values outside are data-entry errors, not disease
-(a WBC of several hundred x10^9/L does occur in hyperleukocytic leukemia). The WBC and
-platelet floors lie below any count measured in a living patient, so a count typed in
-x10^3/uL under the unit /uL (WBC 5.2 becoming 0.0052 x10^9/L) is refused, not flagged."""
+(a WBC of several hundred x10^9/L does occur in hyperleukocytic leukemia)."""
+
+UNIT_SLIP_BELOW = {"wbc": 0.01, "platelets": 1.0}
+"""Counts (x10^9/L) that analysers report as 0 or from these values up: a value above 0 and
+below is a count typed in x10^3/uL under the unit /uL (WBC 5.2 becoming 0.0052), refused
+rather than flagged as a cytopenia."""
 
 CONVERSIONS: dict[str, dict[str, float]] = {
     "hemoglobin": {"g/dL": 1.0, "g/L": 0.1, "mmol/L": 1.611},
@@ -125,11 +128,14 @@ def validate(values: ClinicalValues) -> ClinicalValues:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ClinicalValueError(item.name, f"{value!r} is not a number")
         low, high = POSSIBLE[item.name]
+        hint = (" (check the unit: a count per microlitre and one in thousands per microlitre differ 1000-fold)"
+                if "/uL" in CONVERSIONS.get(item.name, {}) else "")
         if not math.isfinite(value) or not low <= value <= high:
-            hint = (" (check the unit: a count per microlitre and one in thousands per microlitre differ "
-                    "1000-fold)" if item.name in CONVERSIONS and "/uL" in CONVERSIONS[item.name] else "")
             raise ClinicalValueError(item.name, f"{value:g} {UNITS[item.name]} is impossible; accepted range is "
                                                 f"{low:g}-{high:g} {UNITS[item.name]}{hint}")
+        if 0 < value < UNIT_SLIP_BELOW.get(item.name, 0):
+            raise ClinicalValueError(item.name, f"{value:g} {UNITS[item.name]} is below any reported count (0, or "
+                                                f"{UNIT_SLIP_BELOW[item.name]:g} and above){hint}")
     if values.lymphocytes_pct is not None and values.blasts_pct is not None \
             and values.lymphocytes_pct + values.blasts_pct > 100.0:
         raise ClinicalValueError("lymphocytes_pct", f"lymphocytes {values.lymphocytes_pct}% and blasts "
@@ -189,8 +195,9 @@ def age_band(age: float | None) -> str:
     return next(name for low, high, name in AGE_BANDS if low <= age < high)
 
 
-def reference_range(field: str, age: float | None = None, sex: Sex | None = None) -> Range | None:
-    """The reference interval of ``field`` for the age band and sex; ``None`` if none applies.
+def band_interval(field: str, age: float | None = None, sex: Sex | None = None) -> Range | None:
+    """The interval of ``field`` in the age band's and sex's table; ``None`` if none applies.
+    The simulated cohort (:mod:`leuko.cohort`) draws healthy values from these.
 
     For sex-dependent adult values with the sex unknown, the female lower and male upper
     limits are combined, so no value is flagged merely because the sex is missing.
@@ -202,11 +209,16 @@ def reference_range(field: str, age: float | None = None, sex: Sex | None = None
     if table is None:
         return None
     if band != "adult":
-        interval = table.get(band, table.get("child"))
-    elif sex is None:
-        interval = Range(table["adult female"].low, table["adult male"].high)
-    else:
-        interval = table[f"adult {sex}"]
+        return table.get(band, table.get("child"))
+    if sex is None:
+        return Range(table["adult female"].low, table["adult male"].high)
+    return table[f"adult {sex}"]
+
+
+def reference_range(field: str, age: float | None = None, sex: Sex | None = None) -> Range | None:
+    """The reference interval that flags ``field`` (:func:`band_interval`), with
+    haemoglobin's lower limit at the WHO anaemia threshold for the age and sex."""
+    interval = band_interval(field, age, sex)
     if field == "hemoglobin" and age is not None and age >= WHO_ANAEMIA_BELOW[0][0]:
         low = next(limit for start, limit in reversed(WHO_ANAEMIA_BELOW) if age >= start)
         if age >= 15.0 and sex == "male":

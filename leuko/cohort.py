@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from leuko.clinical import ClinicalValues, reference_range, validate
+from leuko.clinical import ClinicalValues, band_interval, validate
 from leuko.data import Sample
 
 SIMULATED_NOTICE = ("The clinical branch of this model learned from SIMULATED blood counts (leuko.cohort): it "
@@ -40,7 +40,7 @@ def _rng(seed: int, key: str) -> np.random.Generator:
 
 
 def _around(rng: np.random.Generator, field: str, age: float, sex: str) -> float:
-    reference = reference_range(field, age, sex)
+    reference = band_interval(field, age, sex)
     return float(rng.normal((reference.low + reference.high) / 2, (reference.high - reference.low) / 4))
 
 

@@ -85,9 +85,10 @@ class FeatureHead(nn.Module):
 
 class WithClinical(nn.Module):
     """A fusion network as an image-only model for pytorch-grad-cam, which calls its model
-    with the image batch alone: ``clinical`` (the encoded blood count, (1, m) or (N, m);
-    ``None``: nothing measured) is set before each explanation, so the map explains the same
-    output the prediction gave."""
+    with the image batch alone: ``clinical`` (one encoded blood count, (1, m), shared by every
+    image of the batch; ``None``: nothing measured) is set before each explanation, so the map
+    explains the same output the prediction gave. One count for all, as ScoreCAM runs its own
+    batches of masked copies."""
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
@@ -157,7 +158,9 @@ class Explainer:
                       clinical: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """CAMs (N, S, S) at input resolution and calibrated probabilities (N, K) of a
         preprocessed batch, for ``class_index`` or each image's predicted class; a fusion
-        model sees ``clinical`` (:func:`leuko.clinical.encode`, (1, m) or (N, m)) beside it."""
+        model sees ``clinical`` (one :func:`leuko.clinical.encode`, (1, m)) beside each image."""
+        if clinical is not None and clinical.shape[0] != 1:
+            raise ValueError("explain one blood count at a time: clinical must be (1, m)")
         cam = self.cam_object(method)
         on_features = cam.model is self._head
         inputs = (self.predictor.onnx(batch, "features") if on_features

@@ -10,6 +10,7 @@ loses nothing.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -165,7 +166,8 @@ def start_training(config: TrainConfig, replace: bool = False, reviewed_cases: C
     With ``reviewed_cases`` the job trains on the crops of that case log's signed-off cases
     (:func:`export_reviewed_crops`, whose refusals are passed on and leave nothing behind),
     copied into the job's own folder under ``$LEUKO_HOME`` rather than a shared temporary
-    folder, and deleted when the job ends or is cancelled.
+    folder, and deleted when the job ends or is cancelled (or, if the app or the host stopped
+    first, when the next job starts: :func:`delete_leftover_crops`).
 
     The model is registered into the user's models folder (``$LEUKO_HOME/models``). A model id
     that is taken is refused with a ``ValueError`` before anything starts, so no model is
@@ -173,35 +175,57 @@ def start_training(config: TrainConfig, replace: bool = False, reviewed_cases: C
     under its id (:meth:`leuko.modelstore.ModelStore.check_new_id`). An id a running job is
     training is refused too, as the job that ended last would replace the other's model.
     """
+    delete_leftover_crops()
     if config.model_id:
         ModelStore().check_new_id(config.model_id, config.task, replace=replace)
-        if any(job.state() == "running" and job.config.model_id == config.model_id for job in list_jobs()):
+        if config.model_id in running_model_ids():
             raise ValueError(f"a running training job is already training model {config.model_id!r}; "
                              "choose another id or wait for it to end")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     folder = jobs_dir() / f"{config.task}-{stamp}"
     folder.mkdir(parents=True)
-    if reviewed_cases is not None:
-        try:
+    try:
+        if reviewed_cases is not None:
             export_reviewed_crops(reviewed_cases, config.task, folder / JOB_DATA)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        config = config.with_overrides(data_root=str(folder / JOB_DATA), manifest="manifest.csv", folder=None,
-                                       datasets=None)
-    config = config.with_overrides(model_id=config.model_id or f"{config.task}-{config.arch}-{stamp[:15]}",
-                                   out_dir=str(folder / "runs"))
-    (folder / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    command = [sys.executable, "-m", "leuko", "train", "--config", str(folder / "config.yaml"),
-               "--events", str(folder / "events.jsonl"), "--report", str(folder / "report"),
-               "--stop-file", str(folder / "stop")]
-    with (folder / "log.txt").open("w") as log:
-        process = subprocess.Popen(["sh", "-c", f'"$@"; code=$?; rm -rf "${{0%/*}}/{JOB_DATA}"; echo $code > "$0"',
-                                    str(folder / "exit_code"), *command],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+            config = dataclasses.replace(config, data_root=str(folder / JOB_DATA), manifest="manifest.csv",
+                                         folder=None, datasets=None, extra_train=None)
+        config = config.with_overrides(model_id=config.model_id or f"{config.task}-{config.arch}-{stamp[:15]}",
+                                       out_dir=str(folder / "runs"))
+        (folder / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        command = [sys.executable, "-m", "leuko", "train", "--config", str(folder / "config.yaml"),
+                   "--events", str(folder / "events.jsonl"), "--report", str(folder / "report"),
+                   "--stop-file", str(folder / "stop")]
+        with (folder / "log.txt").open("w") as log:
+            process = subprocess.Popen(["sh", "-c", f'"$@"; code=$?; rm -rf "${{0%/*}}/{JOB_DATA}"; echo $code > "$0"',
+                                        str(folder / "exit_code"), *command],
+                                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     (folder / "pid").write_text(str(process.pid))
     return Job(folder)
+
+
+def running_model_ids() -> set[str]:
+    """The model ids that running jobs are training (a job whose settings no longer load is
+    skipped)."""
+    ids = set()
+    for job in list_jobs():
+        if job.state() == "running":
+            try:
+                ids.add(job.config.model_id)
+            except (OSError, ValueError):
+                continue
+    return ids
+
+
+def delete_leftover_crops() -> None:
+    """Delete the case crops of launched jobs that have ended without their wrapper removing
+    them (the app or the host stopped mid-run), so no copy outlives its job."""
+    for job in list_jobs():
+        if (job.folder / JOB_DATA).exists() and (job.folder / "pid").is_file() and job.state() != "running":
+            shutil.rmtree(job.folder / JOB_DATA, ignore_errors=True)
 
 
 def list_jobs() -> list[Job]:

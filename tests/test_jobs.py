@@ -109,6 +109,27 @@ def test_a_job_on_reviewed_cases_keeps_their_crops_in_its_folder_until_it_ends(l
     store.close()
 
 
+def test_reviewed_crops_replace_any_folder_or_dataset_filter_and_leftovers_are_deleted(leuko_home, binary_folder):
+    """A preset naming a folder or datasets must not train on those instead of the reviewed
+    crops; crops of a job that ended without its wrapper (the host stopped) are deleted when
+    the next job starts."""
+    from leuko.jobs import delete_leftover_crops
+
+    store = _signed_crops(leuko_home, 13)
+    config = TrainConfig(task="all_binary", folder=str(binary_folder), datasets=["all_idb2"], input_size=32,
+                         epochs=1, batch_size=8, pretrained="none", num_workers=0)
+    job = start_training(config, reviewed_cases=store)
+    job.kill()
+    _wait(job, lambda j: j.state() != "running")
+    assert job.config.folder is None and job.config.datasets is None
+    orphan = leuko_home / "jobs" / "orphan"
+    (orphan / "data").mkdir(parents=True)
+    (orphan / "pid").write_text("999999")
+    delete_leftover_crops()
+    assert not (orphan / "data").exists()
+    store.close()
+
+
 def test_a_refused_export_starts_no_job(leuko_home):
     store = _signed_crops(leuko_home, 9)
     with pytest.raises(ValueError, match="only 9 crop"):

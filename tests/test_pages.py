@@ -180,6 +180,17 @@ def test_a_case_shows_its_blood_count_with_units_and_flags(leuko_home, accounts)
     assert any("CBC: leukocytosis" in w.value for w in app.warning)
 
 
+def test_a_blood_count_saved_before_todays_checks_is_shown_not_crashed(leuko_home, accounts):
+    store = CaseStore(home=leuko_home)
+    prediction = PredictionEntry("m", "0" * 64, "all_binary", {"ALL": 0.9, "normal": 0.1}, "ALL", 0.9, False, 5.0)
+    store.save_case("OLD", "ann", [ImageEntry(png_bytes(stained_cell()), "cell.png", 160, 160, "crop", prediction)],
+                    clinical={"wbc": 0.005})
+    store.close()
+    app = page("2_Cases.py", accounts["rita"])
+    assert not app.exception and any("could not be checked" in w.value for w in app.warning)
+    assert any(b.label == "Sign off this case" for b in app.button)
+
+
 def test_sign_off_is_refused_while_an_image_is_unreviewed(leuko_home, examples, accounts):
     _saved_case(leuko_home, examples, accounts)
     app = page("2_Cases.py", accounts["rita"])

@@ -163,3 +163,17 @@ def test_an_unavailable_case_log_is_reported_when_training_on_reviewed_cases(leu
     app = _reviewed_source(page("3_Train.py", REVIEWER))
     assert not app.exception and "The case log is unavailable" in app.error[0].value
     assert list_jobs() == []
+
+
+def test_a_view_outside_the_presets_zoom_range_is_refused_on_the_page(leuko_home):
+    """The view slider allows 2.0 while the all_binary preset zooms 1.15-1.95 in training;
+    the page says why instead of raising the settings check as a traceback."""
+    app = page("3_Train.py", REVIEWER)
+    next(s for s in app.selectbox if s.label == "Recipe preset").set_value("all_binary_lite0").run()
+    next(s for s in app.slider if s.label.startswith("Network's view")).set_value(2.0)
+    _start_button(app).click().run()
+    started = list_jobs()
+    for job in started:
+        job.kill()
+    assert not app.exception and "must span view_zoom 2.0" in app.error[0].value
+    assert started == []

@@ -84,12 +84,12 @@ symbols clinicians type (the PDF core fonts hold Latin-1 only and printed '?' fo
 
 def _report_pdf() -> FPDF:
     """An empty report with the Unicode font registered in its regular and bold styles."""
-    import matplotlib
+    from matplotlib import font_manager
 
-    fonts = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     pdf = FPDF()
-    pdf.add_font(REPORT_FONT, "", str(fonts / "DejaVuSans.ttf"))
-    pdf.add_font(REPORT_FONT, "B", str(fonts / "DejaVuSans-Bold.ttf"))
+    for style, weight in (("", "normal"), ("B", "bold")):
+        font = font_manager.FontProperties(family="DejaVu Sans", weight=weight)
+        pdf.add_font(REPORT_FONT, style, font_manager.findfont(font, fallback_to_default=False))
     return pdf
 
 
@@ -125,7 +125,7 @@ def _differential_lines(image, finals: dict) -> list[str]:
 def case_pdf(store: CaseStore, case_id: int, path: Path, model_summaries: dict[str, str] | None = None) -> Path:
     """A one-case PDF: images with their CAM overlays, probabilities, clinical flags, reviews,
     sign-off, the models' card summaries and the decision-support disclaimer."""
-    from leuko.clinical import UNITS, ClinicalValues, flags
+    from leuko.clinical import UNITS, ClinicalValueError, ClinicalValues, flags
 
     case = store.case(case_id)
     pdf = _report_pdf()
@@ -142,12 +142,15 @@ def case_pdf(store: CaseStore, case_id: int, path: Path, model_summaries: dict[s
         pdf.multi_cell(0, 5, f"Notes: {case.notes}", new_x="LMARGIN", new_y="NEXT")
     if case.clinical:
         values = ClinicalValues(**case.clinical)
-        found = flags(values)
         pdf.multi_cell(0, 5, "Clinical values: " + ", ".join(
             f"{k} {v:g} {UNITS[k]}" if k in UNITS else f"{k} {v}" for k, v in values.present().items()),
                        new_x="LMARGIN", new_y="NEXT")
-        for flag in found:
-            pdf.multi_cell(0, 5, f"- {flag.describe()}", new_x="LMARGIN", new_y="NEXT")
+        try:
+            findings = [f"- {flag.describe()}" for flag in flags(values)]
+        except ClinicalValueError as exc:
+            findings = [f"- the blood count could not be checked: {exc}"]
+        for line in findings:
+            pdf.multi_cell(0, 5, line, new_x="LMARGIN", new_y="NEXT")
     for image in case.images:
         pdf.ln(3)
         pdf.set_font(REPORT_FONT, "B", 11)

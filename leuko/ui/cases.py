@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from leuko.clinical import LABELS, UNITS, ClinicalValues, flags
+from leuko.clinical import LABELS, UNITS, ClinicalValueError, ClinicalValues, flags
 from leuko.store import NO_LEUKOCYTE, CaseFilter, CaseStore, PermissionDenied, StoreError, StoreUnavailableError
 from leuko.store.export import case_pdf, cases_csv
 from leuko.store.models import ImageRecord
@@ -205,7 +205,12 @@ def case_detail(store: CaseStore, case_id: int, user: dict) -> None:
         values = ClinicalValues(**case.clinical)
         st.dataframe(pd.DataFrame([{f"{LABELS.get(k, k)} ({UNITS[k]})" if k in UNITS else LABELS.get(k, k): v
                                     for k, v in values.present().items()}]), hide_index=True)
-        for flag in flags(values):
+        try:
+            found = flags(values)
+        except ClinicalValueError as exc:
+            st.warning(f"The blood count could not be checked: {exc}. The values are shown as saved.")
+            found = []
+        for flag in found:
             st.warning(f"CBC: {flag.describe()}")
     for image in case.images:
         review_image(store, image, user, signed)

@@ -123,13 +123,13 @@ def training_form() -> None:
     model_id, replace = id_choice
     reviewed = data.pop("export_reviewed", False)
     stain = "reinhard" if normalise else "none"
-    config = dataclasses.replace(
-        preset, **data, task=task, arch=arch, epochs=int(epochs), batch_size=int(batch), input_size=int(size),
-        optimizer=optimizer, lr=float(lr), freeze_stages=int(freeze), scheduler=scheduler, model_id=model_id,
-        resume=False, preprocess=dataclasses.replace(preprocess, stain_normalization=stain),
-        zoom_range=None if zoom == (1.0, 1.0) else zoom, colour_invariance=bool(colour), view_zoom=float(view),
-        background_replacement=float(background))
     try:
+        config = dataclasses.replace(
+            preset, **data, task=task, arch=arch, epochs=int(epochs), batch_size=int(batch), input_size=int(size),
+            optimizer=optimizer, lr=float(lr), freeze_stages=int(freeze), scheduler=scheduler, model_id=model_id,
+            resume=False, preprocess=dataclasses.replace(preprocess, stain_normalization=stain),
+            zoom_range=None if zoom == (1.0, 1.0) else zoom, colour_invariance=bool(colour), view_zoom=float(view),
+            background_replacement=float(background))
         job = start_training(config, replace=replace, reviewed_cases=case_store() if reviewed else None)
     except StoreUnavailableError as exc:
         st.error(f"The case log is unavailable: {exc}. Training was not started; try again when it is back.")
