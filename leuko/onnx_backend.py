@@ -47,6 +47,11 @@ RUNTIME_PACKAGES = {"openvino": "openvino", "onnx": "onnxruntime"}
 
 RUNTIME_NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime"}
 
+EXPORT_LOCK = threading.Lock()
+"""``torch.onnx.export`` keeps its state in a process-wide flag, so two exports at once (the
+app's sessions, or a page rerun while the previous run still loads a model) fail with
+"GLOBALS.in_onnx_export must be False" and left the model on PyTorch; exports take turns."""
+
 Runner = Callable[[str, np.ndarray], np.ndarray]
 """Runs an exported network on a float32 (N, 3, S, S) batch and returns the named output."""
 
@@ -76,7 +81,7 @@ class OnnxNetwork:
         self.runtime = runtime
         self.output_names = output_names
         try:
-            with warnings.catch_warnings():
+            with EXPORT_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(network.eval(), example, buffer, input_names=["image"],
                                   output_names=list(output_names),

@@ -111,6 +111,27 @@ def test_an_export_that_does_not_reproduce_its_network_is_caught(runtime):
         OnnxNetwork(LogitsAndFeatures(build_model("seed004_squeezenet", 2)), 32, runtime)
 
 
+def test_networks_exported_from_two_threads_at_once_both_leave_pytorch():
+    """The app loads models in several script threads; concurrent exports used to fail with
+    "GLOBALS.in_onnx_export must be False" and silently left the model on PyTorch."""
+    import threading
+
+    exported, failed = [], []
+
+    def export() -> None:
+        try:
+            exported.append(OnnxNetwork(build_model("efficientnet_lite0", 2).eval(), 64, "openvino"))
+        except OnnxExportError as exc:
+            failed.append(str(exc))
+
+    threads = [threading.Thread(target=export) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failed == [] and len(exported) == 3
+
+
 def test_a_model_whose_onnx_export_is_wrong_stays_on_pytorch(store, monkeypatch, caplog):
     def differs(self, *args):
         raise OnnxExportError("the ONNX export of LeukoNet differs from it by 0.2 on output 'logits'")
