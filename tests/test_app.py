@@ -35,3 +35,14 @@ def test_sign_in_uses_the_case_log_accounts(leuko_home):
 def test_models_page_lists_installed_models(leuko_home):
     app = AppTest.from_file(str(REPO_ROOT / "pages" / "4_Models.py"), default_timeout=60).run()
     assert not app.exception and app.title[0].value == "Models"
+
+
+def test_the_review_threshold_is_labelled_above_the_probability_bars_not_on_them():
+    """The label sat at the line's top and was clipped at the chart's edge (and, moved
+    inside, covered the top bar); it now ends at the line, above the plotting area."""
+    from leuko.tasks import get_task
+    from leuko.ui.charts import probability_bars
+
+    figure = probability_bars(get_task("all_binary"), {"ALL": 0.976, "normal": 0.024}, 0.956)
+    (label,) = [a for a in figure.layout.annotations if a.text == "review below"]
+    assert (label.x, label.yref, label.y, label.xanchor, label.yanchor) == (0.956, "paper", 1.0, "right", "bottom")

@@ -19,8 +19,9 @@ def probability_bars(task: Task, probabilities: dict[str, float], review_thresho
     figure = go.Figure(go.Bar(x=values, y=names, orientation="h", marker_color=colours,
                               text=[f"{v:.1%}" for v in values], textposition="auto"))
     if review_threshold:
-        figure.add_vline(x=review_threshold, line_dash="dash", line_color="#c0392b",
-                         annotation_text="review below", annotation_position="top")
+        figure.add_vline(x=review_threshold, line_dash="dash", line_color="#c0392b")
+        figure.add_annotation(x=review_threshold, y=1.0, yref="paper", xanchor="right", yanchor="bottom",
+                              text="review below", showarrow=False, font=dict(color="#c0392b", size=11))
     figure.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), **LAYOUT)
     figure.update_yaxes(autorange="reversed")
     return figure
