@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 import cv2
@@ -19,7 +20,7 @@ from PIL import Image
 
 from leuko.clinical import ClinicalValues, Flag, flags
 from leuko.explain import Explainer, draw_mask_outlines, energy_inside, overlay
-from leuko.images import ImageError, ImageInput, load_image
+from leuko.images import ImageError, ImageInput, load_image, load_mask
 from leuko.morphometrics import measure_cell, shape_measures
 from leuko.predict import BATCH_SIZE, Prediction, Predictor
 from leuko.segment import Cell, SegmentationError, make_segmenter, segment_image
@@ -225,6 +226,18 @@ def boxes_overlay(analysis: "ImageAnalysis") -> np.ndarray:
         cv2.putText(drawn, str(cell.index), (x + 4, y + 10 * thickness), cv2.FONT_HERSHEY_SIMPLEX,
                     thickness / 3, colour, thickness)
     return drawn
+
+
+def saved_mask_overlay(original: Path, mask: Path) -> bytes | None:
+    """PNG of a saved crop's 0/128/255 mask drawn over its original as the Analyze page shows
+    it (tinted nucleus and cytoplasm, outlined), for reviewers; ``None`` when either file is
+    missing or unreadable or their sizes differ."""
+    try:
+        rgb = np.asarray(load_image(original))
+        labels = load_mask(mask)
+    except (ImageError, OSError):
+        return None
+    return png_bytes(mask_overlay(rgb, labels)) if labels.shape == rgb.shape[:2] else None
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -1,10 +1,12 @@
 """The analysis core behind the Analyze page, on synthetic crops and fields with the shipped models."""
 
+import io
 from dataclasses import replace
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from leuko.analysis import AnalysisSettings, Analyzer, boxes_overlay, mask_overlay, png_bytes
 from leuko.bench import sample_field
@@ -149,3 +151,20 @@ def test_the_exported_and_pytorch_backends_give_the_same_analysis(backend, runti
     assert np.abs(cell.cam - expected.cam).max() < 1e-4
     assert (cell.mask == expected.mask).mean() > 0.999
     assert cell.morphometrics["nucleus_area_px"] == pytest.approx(expected.morphometrics["nucleus_area_px"], rel=0.01)
+
+
+def test_a_saved_mask_is_shown_over_its_crop_for_reviewers(tmp_path):
+    """The Cases page showed the raw 0/128/255 mask (black, grey and white); reviewers now
+    see it over the crop as on the Analyze page."""
+    from leuko.analysis import saved_mask_overlay
+
+    rgb = stained_cell()
+    mask = np.zeros(rgb.shape[:2], np.uint8)
+    mask[40:120, 40:120], mask[60:100, 60:100] = 128, 255
+    Image.fromarray(rgb).save(tmp_path / "crop.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    shown = np.asarray(Image.open(io.BytesIO(saved_mask_overlay(tmp_path / "crop.png", tmp_path / "mask.png"))))
+    assert np.array_equal(shown, mask_overlay(rgb, mask))
+    Image.fromarray(mask[:50]).save(tmp_path / "other.png")
+    assert saved_mask_overlay(tmp_path / "crop.png", tmp_path / "other.png") is None
+    assert saved_mask_overlay(tmp_path / "crop.png", tmp_path / "missing.png") is None

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from leuko.analysis import saved_mask_overlay
 from leuko.clinical import LABELS, UNITS, ClinicalValueError, ClinicalValues, flags
 from leuko.store import NO_LEUKOCYTE, CaseFilter, CaseStore, PermissionDenied, StoreError, StoreUnavailableError
 from leuko.store.export import case_pdf, cases_csv
@@ -93,8 +94,10 @@ def review_image(store: CaseStore, image: ImageRecord, user: dict, locked: bool)
     pictures = [_image_bytes(store, image.stored_path)]
     captions = ["Original"]
     if whole:
-        pictures += [_image_bytes(store, whole.cam_path), _image_bytes(store, whole.mask_path)]
-        captions += ["Attention map (CAM)", "Mask"]
+        mask = store.files.path(whole.mask_path) if whole.mask_path else None
+        pictures += [_image_bytes(store, whole.cam_path),
+                     saved_mask_overlay(store.files.path(image.stored_path), mask) if mask else None]
+        captions += ["Attention map (CAM)", "Nucleus / cytoplasm"]
     shown = [(p, c) for p, c in zip(pictures, captions) if p]
     st.image([p for p, _ in shown], caption=[c for _, c in shown], width=220 if image.kind == "crop" else 480)
     measured = ([{"cell": "crop", **image.morphometrics}] if image.morphometrics else
