@@ -304,9 +304,7 @@ class Analyzer:
         crop's predicted class is explained, or ``class_id`` for every crop; a fusion model
         sees ``clinical`` in both, so its map explains the prediction it gave."""
         predictor = self.predictor
-        if class_id is not None and class_id not in predictor.classes:
-            raise ValueError(f"{class_id!r} is not a class of this model ({', '.join(predictor.classes)})")
-        index = None if class_id is None else predictor.classes.index(class_id)
+        index = predictor.class_index(class_id)
         predictions, cams = [], []
         for start in range(0, len(crops), BATCH_SIZE):
             batch_cams, probs = self.explainer.explain_images(crops[start:start + BATCH_SIZE], index, method, clinical)

@@ -125,9 +125,10 @@ class TrainConfig:
         least = {"epochs": 1, "batch_size": 1, "train_repeat": 1, "freeze_stages": 0, "plateau_patience": 1,
                  "early_stopping_patience": 1, "num_workers": 0, "seed": 0, "input_size": 16, "freeze_epochs": 0,
                  "limit_train": 1, "max_steps_per_epoch": 1}
+        optional = {item.name for item in fields(self) if item.default is None}
         for name, minimum in least.items():
             value = getattr(self, name)
-            if value is None and name in ("input_size", "freeze_epochs", "limit_train", "max_steps_per_epoch"):
+            if value is None and name in optional:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be a whole number of at least {minimum}, not {value!r}")

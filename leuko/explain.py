@@ -206,9 +206,7 @@ class Explainer:
         takes ``clinical`` beside the image, as in prediction."""
         rgb = np.asarray(load_image(image))
         classes = self.predictor.classes
-        if class_id is not None and class_id not in classes:
-            raise ValueError(f"{class_id!r} is not a class of this model ({', '.join(classes)})")
-        index = None if class_id is None else classes.index(class_id)
+        index = self.predictor.class_index(class_id)
         cams, probs = self.explain_images([rgb], index, method, clinical)
         chosen = int(probs[0].argmax()) if index is None else index
         return Explanation(cams[0], classes[chosen], float(probs[0, chosen]),

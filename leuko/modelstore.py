@@ -233,7 +233,8 @@ class ModelStore:
         self.check_new_id(card.id, card.task, replace=True, folder=folder)
         folder = Path(folder or self.folders[0])
         card_path = folder / f"{card.id}.json"
-        card.default = card.default or _marked_default(card_path)
+        previous = _read_card(card_path)
+        card.default = card.default or (previous is not None and previous.default)
         state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
                  for k, v in network.state_dict().items()}
         weights = folder / f"{card.id}.safetensors"
@@ -307,11 +308,3 @@ def _read_card(path: Path) -> ModelCard | None:
     except (OSError, ValueError, TypeError, AttributeError):
         return None
     return card if card.id == path.stem else None
-
-
-def _marked_default(card_path: Path) -> bool:
-    """Whether the card at ``card_path`` exists, is readable and is marked default."""
-    try:
-        return bool(json.loads(card_path.read_text()).get("default"))
-    except (OSError, ValueError, AttributeError):
-        return False

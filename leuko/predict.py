@@ -132,6 +132,15 @@ class Predictor:
     def classes(self) -> list[str]:
         return list(self.card.classes)
 
+    def class_index(self, class_id: str | None) -> int | None:
+        """The index of ``class_id`` (``None`` stays ``None``: the predicted class); raises
+        ``ValueError`` for a class the model does not have."""
+        if class_id is None:
+            return None
+        if class_id not in self.classes:
+            raise ValueError(f"{class_id!r} is not a class of this model ({', '.join(self.classes)})")
+        return self.classes.index(class_id)
+
     def tensors(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Load and transform images into one (N, 3, S, S) batch on the CPU."""
         return torch.stack([self.transform(load_image(image)) for image in images])

@@ -44,21 +44,14 @@ def cases_csv(store: CaseStore, filters: CaseFilter | None = None) -> str:
             for image in case.images:
                 finals = {r.cell_id: r for r in image.reviews}
                 numbers = {cell.id: cell.index for cell in image.cells}
-                for prediction in image.predictions:
-                    review = finals.get(prediction.cell_id)
+                results = [(p.cell_id, (numbers.get(p.cell_id, ""), p.task, p.model_id, p.label,
+                                        f"{p.confidence:.4f}", p.needs_review)) for p in image.predictions]
+                for cell_id, result in results or [(None, ("", "", "", "", "", True))]:
+                    review = finals.get(cell_id)
                     writer.writerow([safe_cell(v) for v in (
                         case.reference, case.status, case.created_at.isoformat(), case.created_by,
-                        image.original_name, numbers.get(prediction.cell_id, ""), prediction.task, prediction.model_id,
-                        prediction.label, f"{prediction.confidence:.4f}", prediction.needs_review,
-                        review.final_label if review else "", review.reviewer if review else "",
-                        case.sign_off.signed_by if case.sign_off else "")])
-                if not image.predictions:
-                    review = finals.get(None)
-                    writer.writerow([safe_cell(v) for v in (
-                        case.reference, case.status, case.created_at.isoformat(), case.created_by,
-                        image.original_name, "", "", "", "", "", True,
-                        review.final_label if review else "", review.reviewer if review else "",
-                        case.sign_off.signed_by if case.sign_off else "")])
+                        image.original_name, *result, review.final_label if review else "",
+                        review.reviewer if review else "", case.sign_off.signed_by if case.sign_off else "")])
         if page * 200 >= total:
             break
         page += 1

@@ -30,11 +30,18 @@ class FileStore:
         by a save in progress; paths written by this call are appended to ``created``."""
         digest = hashlib.sha256(data).hexdigest()
         relative = f"{digest[:2]}/{digest}{suffix}"
+        self.keep(relative, data, created)
+        return relative, digest
+
+    def keep(self, relative: str, data: bytes, created: list[str] | None = None) -> None:
+        """Make sure ``data``, stored by :meth:`put` at ``relative``, is there: refresh the
+        file's modification time, or write it again (atomically) if it has gone, appending
+        ``relative`` to ``created`` then. Unlike :meth:`put` it does not hash ``data`` again."""
         target = self.root / relative
         with suppress(FileNotFoundError):
             if target.is_file() and target.stat().st_size == len(data):
                 os.utime(target)
-                return relative, digest
+                return
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
         try:
@@ -48,7 +55,6 @@ class FileStore:
             raise
         if created is not None:
             created.append(relative)
-        return relative, digest
 
     def discard(self, relatives: Iterable[str]) -> None:
         """Delete these files; the caller has made sure that no committed row refers to them."""

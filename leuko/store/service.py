@@ -346,19 +346,20 @@ class CaseStore:
             if session.scalar(select(Case.id).where(Case.reference == reference)):
                 raise StoreError(f"a case with reference {reference!r} already exists")
         created: list[str] = []
-        contents: list[tuple[bytes, str]] = []
+        contents: list[tuple[str, bytes]] = []
         stored = []
 
         def put(data: bytes, suffix: str) -> tuple[str, str]:
-            contents.append((data, suffix))
-            return self.files.put(data, suffix, created)
+            relative, digest = self.files.put(data, suffix, created)
+            contents.append((relative, data))
+            return relative, digest
 
         def work(session: Session) -> int:
             if session.scalar(select(Case.id).where(Case.reference == reference)):
                 raise StoreError(f"a case with reference {reference!r} already exists")
             self._lock_files(session, exclusive=False)
-            for data, suffix in contents:
-                self.files.put(data, suffix, created)
+            for relative, data in contents:
+                self.files.keep(relative, data, created)
             case = Case(reference=reference, notes=notes, clinical=clinical, created_by=created_by)
             session.add(case)
             session.flush()
