@@ -1,5 +1,6 @@
 from streamlit.testing.v1 import AppTest
 
+from leuko.modelstore import ModelStore
 from leuko.paths import REPO_ROOT
 from leuko.store import CaseStore
 
@@ -35,6 +36,8 @@ def test_sign_in_uses_the_case_log_accounts(leuko_home):
 def test_models_page_lists_installed_models(leuko_home):
     app = AppTest.from_file(str(REPO_ROOT / "pages" / "4_Models.py"), default_timeout=60).run()
     assert not app.exception and app.title[0].value == "Models"
+    cards = ModelStore().cards()
+    assert cards and [e.label.removesuffix(" (default)") for e in app.expander] == [c.id for c in cards]
 
 
 def test_the_review_threshold_is_labelled_above_the_probability_bars_not_on_them():

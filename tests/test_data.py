@@ -1,3 +1,5 @@
+import random
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -104,10 +106,14 @@ def test_view_zoom_below_one_is_refused_and_older_cards_see_the_whole_image():
     assert InputConfig.from_dict({"input_size": 64}).view_zoom == 1.0
 
 
-def test_rotation_fills_corners_with_mirrored_background_not_black():
-    image = Image.fromarray(np.full((30, 30, 3), 220, np.uint8))
-    rotated = np.asarray(RandomRotationReflect()(image))
-    assert rotated.min() == 220
+@pytest.mark.parametrize("seed", range(5))
+def test_rotation_turns_the_crop_and_fills_corners_with_mirrored_background_not_black(seed):
+    random.seed(seed)
+    array = np.full((30, 30, 3), 220, np.uint8)
+    array[14:16, 15:19] = 60
+    rotated = np.asarray(RandomRotationReflect()(Image.fromarray(array)))
+    assert not np.array_equal(rotated, array) and rotated.min() < 150
+    assert rotated[[0, 0, -1, -1], [0, -1, 0, -1]].min() == 220
 
 
 def _cell_diameter(image: np.ndarray) -> int:

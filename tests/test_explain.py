@@ -8,8 +8,8 @@ from PIL import Image
 
 from leuko.cli import main
 from leuko.data import InputConfig
-from leuko.explain import (FEATURE_MAP_METHODS, Explainer, energy_inside, faithfulness, mask_at_cam_resolution, overlay,
-                           side_by_side)
+from leuko.explain import (CAM_METHODS, FEATURE_MAP_METHODS, Explainer, energy_inside, faithfulness,
+                           mask_at_cam_resolution, overlay, side_by_side)
 from leuko.modelstore import ModelCard, ModelStore
 from leuko.nets import ARCHITECTURES, build_model
 from leuko.predict import Predictor
@@ -50,8 +50,10 @@ def test_every_method_and_the_class_override(tmp_path):
     predictor = _predictor(tmp_path)
     image = synthetic_cell(1, 64)
     with Explainer(predictor) as explainer:
-        for method in ("gradcam", "gradcam++", "xgradcam", "eigencam", "layercam"):
-            assert explainer.explain(image, method=method).cam.shape == (64, 64)
+        maps = {method: explainer.explain(image, method=method).cam for method in CAM_METHODS}
+        assert all(cam.shape == (64, 64) for cam in maps.values())
+        assert not np.allclose(maps["gradcam"], maps["eigencam"])
+        assert not np.allclose(maps["gradcam"], maps["scorecam"])
         predicted = explainer.explain(image)
         other = "normal" if predicted.class_id == "ALL" else "ALL"
         forced = explainer.explain(image, class_id=other)

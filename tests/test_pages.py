@@ -101,6 +101,7 @@ def test_saving_needs_a_signed_in_user(leuko_home, examples):
     app = analyse_examples(page("1_Analyze.py"), ["examples: 000.png (ALL)"])
     next(b for b in app.button if b.label == "Save as case").click().run()
     assert "Sign in" in app.warning[0].value and app.session_state["analyses"]
+    assert CaseStore(home=leuko_home).list_cases()[1] == 0
 
 
 def _saved_case(leuko_home, examples, accounts) -> None:

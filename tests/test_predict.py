@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy.special import softmax
 
 from leuko.data import InputConfig
 from leuko.device import DeviceError, pick_device
@@ -44,12 +45,12 @@ def test_batches_run_two_at_a_time_keep_their_order_and_results(store):
         predictor.predict(images[:7] + [b"not an image"], batch_size=3)
 
 
-def test_temperature_softens_the_raw_softmax(store):
+def test_probabilities_are_the_softmax_of_the_logits_divided_by_the_card_temperature(store):
     predictor = Predictor("wbc", store=store)
-    batch = predictor.tensors([synthetic_cell(0, 48)])
-    raw = np.exp(predictor.logits(batch).numpy())
-    raw /= raw.sum()
-    assert predictor.probabilities(batch).max() <= raw.max() + 1e-9
+    batch = predictor.tensors([synthetic_cell(k, 48, seed=k) for k in range(3)])
+    logits = predictor.logits(batch).numpy()
+    assert np.allclose(predictor.probabilities(batch), softmax(logits / 2.0, axis=1), atol=1e-6)
+    assert (predictor.probabilities(batch).max(axis=1) < softmax(logits, axis=1).max(axis=1)).all()
 
 
 def test_tta_averages_over_rotations(store):

@@ -32,9 +32,14 @@ def test_dhe_leaves_a_constant_image_alone():
 @pytest.mark.parametrize("equalization", ["dhe", "clahe", "global"])
 def test_equalization_variants_keep_shape_and_change_contrast(equalization):
     image = synthetic_cell(0, 64)
+    denoised = apply_preprocessing(image, PreprocessConfig(wiener=True))
     out = apply_preprocessing(image, PreprocessConfig(wiener=True, equalization=equalization))
     assert out.shape == image.shape and out.dtype == np.uint8
-    assert not np.array_equal(out, image)
+
+    def lightness_spread(rgb: np.ndarray) -> float:
+        return float(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[..., 0].std())
+
+    assert lightness_spread(out) > 1.1 * lightness_spread(denoised)
 
 
 def test_identity_configuration_returns_the_input_and_unknown_mode_fails():

@@ -2,8 +2,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+import leuko.train as train_module
 from leuko.config import TrainConfig
+from leuko.nets import build_model
 from leuko.progress import ProgressEvent
 from leuko.train import input_config_for, resolve_config, train_model
 
@@ -30,10 +33,24 @@ def test_training_lowers_the_loss_and_reports_progress(binary_folder, tmp_path):
     assert (tmp_path / "runs" / "t" / "best_model.safetensors").is_file()
 
 
-def test_two_phase_training_freezes_then_releases_the_backbone(binary_folder, tmp_path):
+def test_two_phase_training_freezes_then_releases_the_backbone(binary_folder, tmp_path, monkeypatch):
+    initial: dict[str, torch.Tensor] = {}
+
+    def recording_build_model(*args, **kwargs):
+        network = build_model(*args, **kwargs)
+        initial.update({k: v.clone() for k, v in network.backbone.state_dict().items()})
+        return network
+
+    def backbone_unchanged(result) -> bool:
+        return all(torch.equal(initial[k], v) for k, v in result.network.backbone.state_dict().items())
+
+    monkeypatch.setattr(train_module, "build_model", recording_build_model)
+    assert backbone_unchanged(train_model(_config(binary_folder, tmp_path, epochs=1, freeze_epochs=1)))
     events: list[ProgressEvent] = []
-    result = train_model(_config(binary_folder, tmp_path, epochs=2, freeze_epochs=1), callbacks=[events.append])
+    result = train_model(_config(binary_folder, tmp_path, epochs=2, freeze_epochs=1, model_id="t2"),
+                         callbacks=[events.append])
     assert any(e.kind == "phase" for e in events)
+    assert not backbone_unchanged(result)
     assert all(p.requires_grad for p in result.network.parameters())
     assert result.history[1]["lr"] == pytest.approx(3e-4)
 
