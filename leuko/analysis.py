@@ -23,7 +23,7 @@ from leuko.explain import Explainer, draw_mask_outlines, energy_inside, overlay
 from leuko.images import ImageError, ImageInput, load_image, load_mask
 from leuko.morphometrics import measure_cell, shape_measures
 from leuko.predict import BATCH_SIZE, Prediction, Predictor
-from leuko.segment import Cell, SegmentationError, field_config_for_view, make_segmenter, segment_image
+from leuko.segment import Cell, SegmentationError, make_segmenter, segment_image
 from leuko.store import CellEntry, ImageEntry, PredictionEntry
 from leuko.tasks import Task
 
@@ -267,7 +267,6 @@ class Analyzer:
                                    backend=settings.backend)
         self.explainer = Explainer(self.predictor)
         self.segment = make_segmenter(settings.segmenter, device=settings.device, backend=settings.backend)
-        self.field_config = field_config_for_view(self.predictor.input_config.view_zoom)
         self._lock = threading.Lock()
 
     @property
@@ -319,7 +318,7 @@ class Analyzer:
         cbc_flags = flags(clinical) if clinical is not None else []
         rgb = np.asarray(load_image(source))
         try:
-            segmented = segment_image(rgb, self.segment, kind, self.field_config)
+            segmented = segment_image(rgb, self.segment, kind)
         except SegmentationError as exc:
             raise ImageError(str(exc)) from exc
         if segmented.kind == "crop" and not segmented.cells:

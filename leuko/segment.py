@@ -240,30 +240,13 @@ kind is ``auto``; single-cell crops in the public sets are 120-400 pixels."""
 class FieldConfig:
     """Cell finding in a field image. Sizes are fractions of the image's shorter side:
     nuclei smaller than ``min_nucleus_diameter`` (platelets, debris) are ignored and nucleus
-    fragments closer than ``lobe_gap`` are one cell (the lobes of a neutrophil). Each cell's
-    square crop is ``crop_scale`` times its nucleus box's longer side (a classifier's analysis
-    widens it for the model's view: :func:`field_config_for_view`)."""
+    fragments closer than ``lobe_gap`` are one cell (the lobes of a neutrophil)."""
 
     detection_side: int = 1024
     min_nucleus_diameter: float = 0.02
     lobe_gap: float = 0.02
     crop_scale: float = 1.8
     nucleus_threshold: float = 0.45
-
-
-FIELD_VIEW_MARGIN = 1.6
-"""The least width of a classifier's view of a field cell, in sides of the cell's nucleus box.
-A leukocyte reaches past its nucleus: on the shared expert masks the cell's extent over its
-nucleus's was at the median 1.08 (ALL-IDB2), 1.32 (Jiangxi Tecom) and 1.40 (CellaVision), at the
-90th percentile 1.35, 1.50 and 1.73."""
-
-
-def field_config_for_view(view_zoom: float) -> FieldConfig:
-    """Field settings for a classifier that sees the central 1/``view_zoom`` of each side of a
-    crop (``InputConfig.view_zoom``): crops wide enough that its view spans at least
-    :data:`FIELD_VIEW_MARGIN` nucleus boxes, so the cytoplasm stays in sight (at the default
-    1.8 a view of 1.5 saw only 1.2 boxes)."""
-    return FieldConfig(crop_scale=max(FieldConfig.crop_scale, FIELD_VIEW_MARGIN * view_zoom))
 
 
 @dataclass
