@@ -15,7 +15,7 @@ def test_rows_read_as_speed_ups_over_the_reference():
 
 
 def test_timing_and_flop_counting():
-    assert 2.0 <= timed(lambda: time.sleep(0.002), repeats=3, warmup=1) < 50.0
+    assert 2.0 <= timed(lambda: time.sleep(0.002), repeats=3, warmup=1) < 200.0
     calls: list[str] = []
     fast, slow = timed_pair(lambda: calls.append("ours"), lambda: (calls.append("reference"), time.sleep(0.005)),
                             repeats=4, warmup=1)

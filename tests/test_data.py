@@ -107,8 +107,8 @@ def test_view_zoom_below_one_is_refused_and_older_cards_see_the_whole_image():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_rotation_turns_the_crop_and_fills_corners_with_mirrored_background_not_black(seed):
-    random.seed(seed)
+def test_rotation_turns_the_crop_and_fills_corners_with_mirrored_background_not_black(seed, monkeypatch):
+    monkeypatch.setattr(random, "uniform", random.Random(seed).uniform)
     array = np.full((30, 30, 3), 220, np.uint8)
     array[14:16, 15:19] = 60
     rotated = np.asarray(RandomRotationReflect()(Image.fromarray(array)))

@@ -258,8 +258,11 @@ def test_a_writer_killed_mid_save_leaves_no_broken_rows(store, store_url, tmp_pa
     time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    planted = store.files.path("ab/left-by-an-earlier-crash.png")
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(png())
     report = store.check()
-    assert report.missing_files == []
+    assert report.missing_files == [] and "ab/left-by-an-earlier-crash.png" in report.recent_files
     long_ago = time.time() - REPAIR_MIN_AGE_S - 60
     for relative in report.recent_files:
         os.utime(store.files.path(relative), (long_ago, long_ago))

@@ -49,7 +49,7 @@ def test_two_phase_training_freezes_then_releases_the_backbone(binary_folder, tm
     events: list[ProgressEvent] = []
     result = train_model(_config(binary_folder, tmp_path, epochs=2, freeze_epochs=1, model_id="t2"),
                          callbacks=[events.append])
-    assert any(e.kind == "phase" for e in events)
+    assert any(e.kind == "phase" for e in events) and result.best_epoch == 2
     assert not backbone_unchanged(result)
     assert all(p.requires_grad for p in result.network.parameters())
     assert result.history[1]["lr"] == pytest.approx(3e-4)
