@@ -74,32 +74,44 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from leuko.predict import Predictor
+    from leuko.segment import FIELD_MIN_SIDE, SegmentationError, make_segmenter, segment_image
 
     predictor = Predictor(args.model, task=args.task, device=args.device, tta=args.tta)
+    segment = None
     paths = find_images(args.paths)
     handle = open(args.csv, "w", newline="") if args.csv else sys.stdout
-    written = 0
+    read = 0
     try:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "confidence", "needs_review", *(f"p_{c}" for c in predictor.classes)])
-        batch: list[tuple[Path, object]] = []
+        writer.writerow(["path", "label", "confidence", "needs_review", *(f"p_{c}" for c in predictor.classes),
+                         "cell", "x", "y", "width", "height"])
+        batch: list[tuple[Path, object, tuple]] = []
 
         def flush() -> None:
-            nonlocal written
-            if not batch:
-                return
-            for (path, _), result in zip(batch, predictor.predict([image for _, image in batch])):
+            for (path, _, cell), result in zip(batch, predictor.predict([image for _, image, _ in batch])):
                 writer.writerow([str(path), result.label, f"{result.confidence:.6f}", result.needs_review,
-                                 *(f"{p:.6f}" for p in result.probabilities)])
-                written += 1
+                                 *(f"{p:.6f}" for p in result.probabilities), *cell])
             batch.clear()
 
         for path in paths:
             try:
-                batch.append((path, load_image(path)))
+                image = load_image(path)
+                if args.kind == "field" or (args.kind == "auto" and max(image.size) >= FIELD_MIN_SIDE):
+                    segment = segment or make_segmenter("auto", device=args.device)
+                    cells = segment_image(np.asarray(image), segment, "field").cells
+                    if not cells:
+                        print(f"{path}: no leukocyte found", file=sys.stderr)
+                    batch += [(path, cell.crop, (index, *cell.box)) for index, cell in enumerate(cells, start=1)]
+                else:
+                    batch.append((path, image, ("",) * 5))
+                read += 1
             except ImageError as exc:
                 print(f"skipped {exc}", file=sys.stderr)
+            except SegmentationError as exc:
+                print(f"skipped {path}: {exc}", file=sys.stderr)
             if len(batch) >= 32:
                 flush()
         flush()
@@ -108,7 +120,7 @@ def _predict(args: argparse.Namespace) -> int:
             handle.close()
     if not paths:
         print("error: no image files found in the given paths", file=sys.stderr)
-    return 0 if written else 1
+    return 0 if read else 1
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -352,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", help="model id (default: the task's default model)")
     predict.add_argument("--csv", help="output CSV file (default: standard output)")
     predict.add_argument("--tta", action="store_true", help="average over 8 rotations/flips")
+    predict.add_argument("--kind", choices=["auto", "crop", "field"], default="auto",
+                         help="field: classify every leukocyte found (auto: images of 600 px or more)")
     predict.add_argument("--device")
     predict.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     predict.set_defaults(handler=_predict)

@@ -4,8 +4,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from leuko.bench import sample_field
 from leuko.cli import main
 from tests.conftest import write_class_folder
 
@@ -42,8 +45,9 @@ def test_predict_prints_the_csv_contract_and_skips_unreadable_files(trained, bin
                           str(folder), str(tmp_path / "broken.png")], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     rows = list(csv.DictReader(io.StringIO(run.stdout)))
-    assert list(rows[0]) == ["path", "label", "confidence", "needs_review", "p_ALL", "p_normal"]
-    assert len(rows) == 8
+    assert list(rows[0]) == ["path", "label", "confidence", "needs_review", "p_ALL", "p_normal",
+                             "cell", "x", "y", "width", "height"]
+    assert len(rows) == 8 and all(row["cell"] == row["width"] == "" for row in rows)
     from leuko.predict import REVIEW_CONFIDENCE
     threshold = json.loads((trained / "models" / "cli-model.json").read_text())["review_threshold"] or REVIEW_CONFIDENCE
     clear = [row for row in rows if abs(float(row["confidence"]) - threshold) > 1e-5]
@@ -56,6 +60,24 @@ def test_predict_prints_the_csv_contract_and_skips_unreadable_files(trained, bin
     only_bad = subprocess.run([sys.executable, "-m", "leuko", "predict", "--task", "all_binary", "--model", "cli-model",
                                str(tmp_path / "broken.png")], capture_output=True, text=True, env=env)
     assert only_bad.returncode != 0
+
+
+def test_predict_classifies_every_leukocyte_of_a_field_image(trained, tmp_path, monkeypatch, capsys):
+    """A field used to be shrunk whole to the network's input and given one label."""
+    monkeypatch.setenv("LEUKO_HOME", str(trained))
+    Image.fromarray(sample_field(cells=3)).save(tmp_path / "field.png")
+    Image.fromarray(np.full((700, 900, 3), (236, 214, 220), np.uint8)).save(tmp_path / "empty.png")
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(out),
+                 str(tmp_path / "field.png"), str(tmp_path / "empty.png")]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [row["cell"] for row in rows] == ["1", "2", "3"] and all(row["path"].endswith("field.png") for row in rows)
+    centres = sorted((int(row["x"]) + int(row["width"]) / 2, int(row["y"]) + int(row["height"]) / 2) for row in rows)
+    assert all(abs(x - (150 + k * 340)) < 40 and abs(y - 350) < 40 for k, (x, y) in enumerate(centres))
+    assert "empty.png: no leukocyte found" in capsys.readouterr().err
+    assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--kind", "crop", "--csv", str(out),
+                 str(tmp_path / "field.png")]) == 0
+    assert [row["cell"] for row in csv.DictReader(out.open())] == [""]
 
 
 def test_predict_writes_a_csv_file_with_the_default_model(trained, binary_folder, tmp_path, monkeypatch):
