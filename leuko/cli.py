@@ -73,14 +73,37 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
+class _CellsOf:
+    """Splits an image into what a classifier should see: a single-cell crop as it is, a field of
+    view (``kind`` ``field``, or with ``auto`` a longer side of :data:`FIELD_MIN_SIDE` pixels or
+    more) into each leukocyte's crop, cut as the Analyze page cuts it. The segmenter loads on the
+    first field."""
 
+    def __init__(self, kind: str, device: str | None) -> None:
+        self.kind, self.device, self.segment = kind, device, None
+
+    def __call__(self, path: Path, image) -> list[tuple[int | None, object, tuple[int, int, int, int] | None]]:
+        """(cell number or None for a crop, RGB image, box x, y, w, h in pixels or None) per cell.
+        Raises :class:`leuko.segment.SegmentationError` for a field too small to segment."""
+        import numpy as np
+
+        from leuko.segment import FIELD_MIN_SIDE, make_segmenter, segment_image
+
+        if not (self.kind == "field" or (self.kind == "auto" and max(image.size) >= FIELD_MIN_SIDE)):
+            return [(None, image, None)]
+        self.segment = self.segment or make_segmenter("auto", device=self.device)
+        cells = segment_image(np.asarray(image), self.segment, "field").cells
+        if not cells:
+            print(f"{path}: no leukocyte found", file=sys.stderr)
+        return [(index, cell.crop, cell.box) for index, cell in enumerate(cells, start=1)]
+
+
+def _predict(args: argparse.Namespace) -> int:
     from leuko.predict import Predictor
-    from leuko.segment import FIELD_MIN_SIDE, SegmentationError, make_segmenter, segment_image
+    from leuko.segment import SegmentationError
 
     predictor = Predictor(args.model, task=args.task, device=args.device, tta=args.tta)
-    segment = None
+    cells_of = _CellsOf(args.kind, args.device)
     paths = find_images(args.paths)
     handle = open(args.csv, "w", newline="") if args.csv else sys.stdout
     read = 0
@@ -88,25 +111,18 @@ def _predict(args: argparse.Namespace) -> int:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "confidence", "needs_review", *(f"p_{c}" for c in predictor.classes),
                          "cell", "x", "y", "width", "height"])
-        batch: list[tuple[Path, object, tuple]] = []
+        batch: list[tuple[Path, int | None, object, tuple | None]] = []
 
         def flush() -> None:
-            for (path, _, cell), result in zip(batch, predictor.predict([image for _, image, _ in batch])):
+            for (path, index, _, box), result in zip(batch, predictor.predict([image for _, _, image, _ in batch])):
                 writer.writerow([str(path), result.label, f"{result.confidence:.6f}", result.needs_review,
-                                 *(f"{p:.6f}" for p in result.probabilities), *cell])
+                                 *(f"{p:.6f}" for p in result.probabilities),
+                                 *((index, *box) if box else ("",) * 5)])
             batch.clear()
 
         for path in paths:
             try:
-                image = load_image(path)
-                if args.kind == "field" or (args.kind == "auto" and max(image.size) >= FIELD_MIN_SIDE):
-                    segment = segment or make_segmenter("auto", device=args.device)
-                    cells = segment_image(np.asarray(image), segment, "field").cells
-                    if not cells:
-                        print(f"{path}: no leukocyte found", file=sys.stderr)
-                    batch += [(path, cell.crop, (index, *cell.box)) for index, cell in enumerate(cells, start=1)]
-                else:
-                    batch.append((path, image, ("",) * 5))
+                batch += [(path, *cell) for cell in cells_of(path, load_image(path))]
                 read += 1
             except ImageError as exc:
                 print(f"skipped {exc}", file=sys.stderr)
@@ -233,21 +249,30 @@ def _explain(args: argparse.Namespace) -> int:
 
     from leuko.explain import Explainer, overlay, save_png, side_by_side
     from leuko.predict import Predictor
+    from leuko.segment import SegmentationError
 
     predictor = Predictor(args.model, task=args.task, device=args.device)
+    cells_of = _CellsOf(args.kind, args.device)
     out_dir = Path(args.out_dir)
     done, used = 0, set()
     with Explainer(predictor) as explainer:
         for path in find_images(args.paths):
             try:
-                rgb = np.asarray(load_image(path))
+                cells = cells_of(path, load_image(path))
             except ImageError as exc:
                 print(f"skipped {exc}", file=sys.stderr)
                 continue
-            result = explainer.explain(rgb, args.class_id, args.method)
-            rendered = overlay(rgb, result.cam, args.colormap, args.opacity)
-            target = save_png(side_by_side(rgb, rendered), out_dir / _unique_name(path.stem, "_cam.png", used))
-            print(f"{path}: {result.method} for {result.class_id} (p = {result.probability:.3f}) -> {target}")
+            except SegmentationError as exc:
+                print(f"skipped {path}: {exc}", file=sys.stderr)
+                continue
+            for index, image, _ in cells:
+                rgb = np.asarray(image)
+                result = explainer.explain(rgb, args.class_id, args.method)
+                rendered = overlay(rgb, result.cam, args.colormap, args.opacity)
+                stem = path.stem if index is None else f"{path.stem}_cell{index}"
+                target = save_png(side_by_side(rgb, rendered), out_dir / _unique_name(stem, "_cam.png", used))
+                print(f"{path}{'' if index is None else f' cell {index}'}: {result.method} for {result.class_id} "
+                      f"(p = {result.probability:.3f}) -> {target}")
             done += 1
     return 0 if done else 1
 
@@ -407,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--colormap", default="jet", choices=["jet", "turbo", "inferno", "viridis"])
     explain.add_argument("--opacity", type=float, default=0.45)
     explain.add_argument("--out-dir", default="cams")
+    explain.add_argument("--kind", choices=["auto", "crop", "field"], default="auto",
+                         help="field: explain every leukocyte found (auto: images of 600 px or more)")
     explain.add_argument("--device")
     explain.add_argument("paths", nargs="+")
     explain.set_defaults(handler=_explain)

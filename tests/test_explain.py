@@ -6,6 +6,7 @@ import torch
 import pytest
 from PIL import Image
 
+from leuko.bench import sample_field
 from leuko.cli import main
 from leuko.data import InputConfig
 from leuko.explain import (CAM_METHODS, FEATURE_MAP_METHODS, Explainer, energy_inside, faithfulness,
@@ -179,6 +180,12 @@ def test_explain_command_writes_cam_pngs(tmp_path, monkeypatch):
     assert main(["explain", "--task", "all_binary", "--model", "m-efficientnet_lite0", "--out-dir",
                  str(tmp_path / "twins"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert sorted(p.name for p in (tmp_path / "twins").iterdir()) == ["same-2_cam.png", "same_cam.png"]
+    Image.fromarray(sample_field(cells=2)).save(tmp_path / "field.png")
+    assert main(["explain", "--task", "all_binary", "--model", "m-efficientnet_lite0", "--out-dir",
+                 str(tmp_path / "field"), str(tmp_path / "field.png")]) == 0
+    written = sorted((tmp_path / "field").iterdir())
+    assert [p.name for p in written] == ["field_cell1_cam.png", "field_cell2_cam.png"]
+    assert all(Image.open(p).size[0] < 2 * 600 for p in written)
 
 
 def test_every_architecture_declares_a_target_layer():
