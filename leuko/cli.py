@@ -83,15 +83,21 @@ class _CellsOf:
         self.kind, self.device, self.segment = kind, device, None
 
     def __call__(self, path: Path, image) -> list[tuple[int | None, object, tuple[int, int, int, int] | None]]:
-        """(cell number or None for a crop, RGB image, box x, y, w, h in pixels or None) per cell.
-        Raises :class:`leuko.segment.SegmentationError` for a field too small to segment."""
+        """(cell number or None for a crop, RGB image, box x, y, w, h in pixels or None) per cell;
+        none for a field without a leukocyte. Raises :class:`leuko.segment.SegmentationError`
+        when a field needs the segmenter and it cannot be loaded (a damaged model file)."""
         import numpy as np
 
-        from leuko.segment import FIELD_MIN_SIDE, make_segmenter, segment_image
+        from leuko.modelstore import ModelIntegrityError
+        from leuko.segment import FIELD_MIN_SIDE, SegmentationError, make_segmenter, segment_image
 
         if not (self.kind == "field" or (self.kind == "auto" and max(image.size) >= FIELD_MIN_SIDE)):
             return [(None, image, None)]
-        self.segment = self.segment or make_segmenter("auto", device=self.device)
+        if self.segment is None:
+            try:
+                self.segment = make_segmenter("auto", device=self.device)
+            except (ModelIntegrityError, OSError) as exc:
+                raise SegmentationError(f"a field of view needs the segmenter, which could not be loaded: {exc}") from exc
         cells = segment_image(np.asarray(image), self.segment, "field").cells
         if not cells:
             print(f"{path}: no leukocyte found", file=sys.stderr)
@@ -167,14 +173,15 @@ def _models(args: argparse.Namespace) -> int:
     return 1 if failures and args.check else 0
 
 
-def _unique_name(stem: str, suffix: str, used: set[str]) -> str:
-    """``<stem><suffix>``, or ``<stem>-2<suffix>``, ``-3``... when an earlier input of the same
-    run had that stem (images of the same name in different folders), recorded in ``used``."""
-    name, copy = f"{stem}{suffix}", 2
-    while name in used:
-        name, copy = f"{stem}-{copy}{suffix}", copy + 1
-    used.add(name)
-    return name
+def _unique_names(stem: str, suffixes: Sequence[str], used: set[str]) -> list[str]:
+    """``<stem><suffix>`` for each suffix, or all with ``<stem>-2``, ``-3``... when an earlier
+    input of the same run took any of them (images of the same name in different folders, or a
+    crop named like a field's cell), so one input's files share one stem; recorded in ``used``."""
+    names, copy = [f"{stem}{suffix}" for suffix in suffixes], 2
+    while used.intersection(names):
+        names, copy = [f"{stem}-{copy}{suffix}" for suffix in suffixes], copy + 1
+    used.update(names)
+    return names
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -196,7 +203,7 @@ def _segment(args: argparse.Namespace) -> int:
         except (ImageError, SegmentationError) as exc:
             print(f"skipped {exc}", file=sys.stderr)
             continue
-        name = _unique_name(path.stem, "_mask.png", used)
+        name = _unique_names(path.stem, ["_mask.png"], used)[0]
         Image.fromarray(result.mask).save(out_dir / name)
         done += 1
         if not result.cells:
@@ -265,12 +272,13 @@ def _explain(args: argparse.Namespace) -> int:
             except SegmentationError as exc:
                 print(f"skipped {path}: {exc}", file=sys.stderr)
                 continue
-            for index, image, _ in cells:
+            names = _unique_names(path.stem, ["_cam.png" if index is None else f"_cell{index}_cam.png"
+                                              for index, _, _ in cells], used)
+            for (index, image, _), name in zip(cells, names):
                 rgb = np.asarray(image)
                 result = explainer.explain(rgb, args.class_id, args.method)
                 rendered = overlay(rgb, result.cam, args.colormap, args.opacity)
-                stem = path.stem if index is None else f"{path.stem}_cell{index}"
-                target = save_png(side_by_side(rgb, rendered), out_dir / _unique_name(stem, "_cam.png", used))
+                target = save_png(side_by_side(rgb, rendered), out_dir / name)
                 print(f"{path}{'' if index is None else f' cell {index}'}: {result.method} for {result.class_id} "
                       f"(p = {result.probability:.3f}) -> {target}")
             done += 1
@@ -423,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg_train.add_argument("--default", action="store_true", help="mark it as the default segmenter")
     seg_train.set_defaults(handler=_train_segmenter)
 
-    explain = sub.add_parser("explain", help="CAM overlays: <stem>_cam.png beside the original")
+    explain = sub.add_parser("explain", help="CAM overlays beside the original: <stem>_cam.png, or "
+                                             "<stem>_cell<k>_cam.png per leukocyte of a field")
     explain.add_argument("--task", required=True, choices=tasks)
     explain.add_argument("--model")
     explain.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++", "xgradcam", "eigencam",

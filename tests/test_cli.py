@@ -80,6 +80,44 @@ def test_predict_classifies_every_leukocyte_of_a_field_image(trained, tmp_path, 
     assert [row["cell"] for row in csv.DictReader(out.open())] == [""]
 
 
+def test_each_field_row_is_the_prediction_of_its_own_cell(trained, tmp_path, monkeypatch):
+    from leuko.predict import Predictor
+    from leuko.segment import classical_segment
+
+    monkeypatch.setenv("LEUKO_HOME", str(trained))
+    monkeypatch.setattr("leuko.segment.make_segmenter", lambda *args, **kwargs: classical_segment)
+    Image.fromarray(sample_field(cells=4)).save(tmp_path / "field.png")
+    Image.fromarray(sample_field(cells=0)).save(tmp_path / "empty.png")
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(out),
+                 str(tmp_path / "empty.png"), str(tmp_path / "field.png"), str(tmp_path / "field.png")]) == 0
+    rows = list(csv.DictReader(out.open()))
+    field = np.asarray(Image.open(tmp_path / "field.png"))
+    crops = [field[int(r["y"]):int(r["y"]) + int(r["height"]), int(r["x"]):int(r["x"]) + int(r["width"])] for r in rows]
+    alone = Predictor("cli-model").predict(crops)
+    assert len(rows) == 8 and [r["cell"] for r in rows] == ["1", "2", "3", "4"] * 2
+    assert all(abs(float(r["p_ALL"]) - p.probabilities[0]) < 1e-5 for r, p in zip(rows, alone))
+    assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(out),
+                 str(tmp_path / "empty.png")]) == 0
+
+
+def test_a_damaged_segmenter_skips_fields_and_keeps_the_crops(trained, binary_folder, tmp_path, monkeypatch, capsys):
+    from leuko.modelstore import ModelIntegrityError
+
+    def damaged(*args, **kwargs):
+        raise ModelIntegrityError("weights of 'segmentation-unet_lite0' do not match their checksum")
+
+    monkeypatch.setenv("LEUKO_HOME", str(trained))
+    monkeypatch.setattr("leuko.segment.make_segmenter", damaged)
+    Image.fromarray(sample_field(cells=2)).save(tmp_path / "field.png")
+    out = tmp_path / "out.csv"
+    crops = sorted((binary_folder / "test" / "ALL").iterdir())[:3]
+    assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(out),
+                 *map(str, crops), str(tmp_path / "field.png")]) == 0
+    assert len(list(csv.DictReader(out.open()))) == 3
+    assert "field.png: a field of view needs the segmenter" in capsys.readouterr().err
+
+
 def test_predict_writes_a_csv_file_with_the_default_model(trained, binary_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("LEUKO_HOME", str(trained))
     out = tmp_path / "out.csv"
