@@ -346,6 +346,12 @@ def _store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_kind_argument(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--kind", choices=["auto", "crop", "field"], default="auto",
+                        help=f"crop: the image is one cell; field: {verb} every leukocyte found; auto: a field "
+                             "when its longer side is 600 px or more (leuko.segment.FIELD_MIN_SIDE)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m leuko",
                                      description="Leuko: acute leukemia screening from blood smear images")
@@ -397,8 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", help="model id (default: the task's default model)")
     predict.add_argument("--csv", help="output CSV file (default: standard output)")
     predict.add_argument("--tta", action="store_true", help="average over 8 rotations/flips")
-    predict.add_argument("--kind", choices=["auto", "crop", "field"], default="auto",
-                         help="field: classify every leukocyte found (auto: images of 600 px or more)")
+    _add_kind_argument(predict, "classify")
     predict.add_argument("--device")
     predict.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     predict.set_defaults(handler=_predict)
@@ -406,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment = sub.add_parser("segment", help="nucleus/cytoplasm masks and morphometrics of crops or fields")
     segment.add_argument("--method", choices=["auto", "classical", "learned"], default="auto",
                          help="auto: the learned segmenter when installed, else classical")
-    segment.add_argument("--kind", choices=["auto", "crop", "field"], default="auto")
+    _add_kind_argument(segment, "segment")
     segment.add_argument("--out-dir", default="segmentation")
     segment.add_argument("--pixel-size", type=float, help="micrometres per pixel, for areas in um^2")
     segment.add_argument("--device")
@@ -441,8 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--colormap", default="jet", choices=["jet", "turbo", "inferno", "viridis"])
     explain.add_argument("--opacity", type=float, default=0.45)
     explain.add_argument("--out-dir", default="cams")
-    explain.add_argument("--kind", choices=["auto", "crop", "field"], default="auto",
-                         help="field: explain every leukocyte found (auto: images of 600 px or more)")
+    _add_kind_argument(explain, "explain")
     explain.add_argument("--device")
     explain.add_argument("paths", nargs="+")
     explain.set_defaults(handler=_explain)

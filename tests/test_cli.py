@@ -200,3 +200,12 @@ def test_explain_offers_every_cam_method_and_colour_map_the_core_has():
     explain = build_parser()._subparsers._group_actions[0].choices["explain"]
     choices = {action.dest: action.choices for action in explain._actions}
     assert list(choices["method"]) == list(CAM_METHODS) and list(choices["colormap"]) == list(COLORMAPS)
+
+
+@pytest.mark.parametrize("command", ["predict", "explain", "segment"])
+def test_the_kind_help_gives_the_field_size_the_code_uses(command, capsys):
+    from leuko.segment import FIELD_MIN_SIDE
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert f"is {FIELD_MIN_SIDE} px or more" in " ".join(capsys.readouterr().out.split())
