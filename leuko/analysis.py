@@ -11,8 +11,8 @@ from __future__ import annotations
 import io
 import threading
 import time
-from pathlib import Path
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import cv2
 import numpy as np

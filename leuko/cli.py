@@ -75,9 +75,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 class _CellsOf:
     """Splits an image into what a classifier should see: a single-cell crop as it is, a field of
-    view (``kind`` ``field``, or with ``auto`` a longer side of :data:`FIELD_MIN_SIDE` pixels or
-    more) into each leukocyte's crop, cut as the Analyze page cuts it. The segmenter loads on the
-    first field."""
+    view (:func:`leuko.segment.resolve_kind`) into each leukocyte's crop, cut as the Analyze page
+    cuts it. The segmenter loads on the first field."""
 
     def __init__(self, kind: str, device: str | None) -> None:
         self.kind, self.device, self.segment = kind, device, None
@@ -89,9 +88,9 @@ class _CellsOf:
         import numpy as np
 
         from leuko.modelstore import ModelIntegrityError
-        from leuko.segment import FIELD_MIN_SIDE, SegmentationError, make_segmenter, segment_image
+        from leuko.segment import SegmentationError, make_segmenter, resolve_kind, segment_image
 
-        if not (self.kind == "field" or (self.kind == "auto" and max(image.size) >= FIELD_MIN_SIDE)):
+        if resolve_kind(self.kind, image.height, image.width) == "crop":
             return [(None, image, None)]
         if self.segment is None:
             try:

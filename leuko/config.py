@@ -117,8 +117,6 @@ class TrainConfig:
         if self.scheduler not in ("plateau", "cosine"):
             raise ValueError(f"scheduler must be plateau or cosine, not {self.scheduler!r}")
         check_view_zoom(self.view_zoom)
-        if not 0.0 <= self.background_replacement <= 1.0:
-            raise ValueError(f"background_replacement must be within 0-1, not {self.background_replacement}")
 
     def _check_numbers(self) -> None:
         """Refuse counts and rates that would crash a run late or quietly ruin it."""
@@ -133,7 +131,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be a whole number of at least {minimum}, not {value!r}")
         within = {"stain_jitter": (0.0, 1.0), "label_smoothing": (0.0, 0.99), "clinical_dropout": (0.0, 1.0),
-                  "plateau_factor": (0.01, 0.99), "finetune_lr_factor": (1e-6, 1.0)}
+                  "plateau_factor": (0.01, 0.99), "finetune_lr_factor": (1e-6, 1.0),
+                  "background_replacement": (0.0, 1.0)}
         for name, (low, high) in within.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:

@@ -203,22 +203,24 @@ class ModelStore:
                 return card
         return None
 
-    def check_new_id(self, model_id: str, task: str, replace: bool = False, folder: Path | None = None) -> None:
+    def check_new_id(self, model_id: str, task: str, replace: bool = False,
+                     folder: Path | None = None) -> ModelCard | None:
         """Refuse ``model_id`` for a new model of ``task`` with a ``ValueError`` when it is not a
         valid id, when a model of another task has it (the new one would replace or shadow
         that one), or when a model of ``task`` has it and ``replace`` (retraining under the
-        same id) was not asked for."""
+        same id) was not asked for. Returns the card the id already has (:meth:`existing`)."""
         if not MODEL_ID_PATTERN.match(model_id):
             raise ValueError(f"model id {model_id!r} must be letters, digits, '.', '_' or '-'")
         card = self.existing(model_id, folder)
         if card is None:
-            return
+            return None
         if card.task != task:
             raise ValueError(f"model id {model_id!r} is taken by a model of another task ({card.task}); "
                              f"choose another id for this {task} model")
         if not replace:
             raise ValueError(f"a {task} model {model_id!r} exists already; choose another id, or replace it "
                              "explicitly to retrain it under its id")
+        return card
 
     def save(self, network: torch.nn.Module, card: ModelCard, half: bool = False,
              folder: Path | None = None) -> Path:

@@ -37,7 +37,7 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
     if config.model_id:
         store.check_new_id(config.model_id, config.task, replace=True, folder=folder)
     try:
-        load_split(config, get_task(config.task), "test")
+        test_samples = load_split(config, get_task(config.task), "test")
     except ValueError as exc:
         raise ValueError(f"the test split cannot be read, so the model could not be evaluated after training "
                          f"(checked before it starts): {exc}") from exc
@@ -63,7 +63,7 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
     card.training["best_epoch"] = result.best_epoch
     loaded = LoadedModel(card, result.network.eval())
     splits = {"train": list({s.path: s for s in load_training_samples(config, task)}.values()),
-              **{split: load_split(config, task, split) for split in ("val", "test")}}
+              "val": load_split(config, task, "val"), "test": test_samples}
     for listener in callbacks:
         listener(ProgressEvent("message", message="calibrating on val and evaluating on test"))
     val_logits, val_labels = model_logits(loaded, splits["val"], config.device)

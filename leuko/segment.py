@@ -323,6 +323,14 @@ def _touches_image_border(mask: np.ndarray, box: tuple[int, int, int, int], shap
                 or (x + w == width and xs.max() == w - 1) or (y + h == height and ys.max() == h - 1))
 
 
+def resolve_kind(kind: str, height: int, width: int) -> str:
+    """``crop`` or ``field`` for an image of ``height`` x ``width`` pixels: ``kind`` itself, or
+    for ``auto`` a field when the longer side is at least :data:`FIELD_MIN_SIDE` pixels."""
+    if kind == "auto":
+        return "field" if max(height, width) >= FIELD_MIN_SIDE else "crop"
+    return kind
+
+
 def segment_image(rgb: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], kind: str = "auto",
                   config: FieldConfig | None = None) -> SegmentedImage:
     """Segment a single-cell crop or every leukocyte of a field image.
@@ -335,8 +343,7 @@ def segment_image(rgb: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], 
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise SegmentationError("expected an RGB uint8 image")
     height, width = rgb.shape[:2]
-    if kind == "auto":
-        kind = "field" if max(height, width) >= FIELD_MIN_SIDE else "crop"
+    kind = resolve_kind(kind, height, width)
     if kind == "crop":
         mask = segment(rgb)
         cells = [Cell((0, 0, width, height), rgb, mask, False)] if mask.any() else []

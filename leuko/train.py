@@ -308,7 +308,7 @@ def train_model(config: TrainConfig, callbacks: Iterable[Callback] = (),
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(config.freeze_epochs) or get_arch(config.arch).fusion)
+            find_unused_parameters=bool(config.freeze_epochs) or fusion)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     run_dir = Path(config.out_dir) / config.model_id
 

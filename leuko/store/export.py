@@ -166,10 +166,11 @@ def case_pdf(store: CaseStore, case_id: int, path: Path, model_summaries: dict[s
                            new_x="LMARGIN", new_y="NEXT")
         for line in _differential_lines(image, finals):
             pdf.multi_cell(0, 5, line, new_x="LMARGIN", new_y="NEXT")
+        cells = {cell.id: cell for cell in image.cells}
         for prediction in image.predictions:
             probabilities = ", ".join(f"{k} {v:.3f}" for k, v in prediction.probabilities.items())
             review = finals.get(prediction.cell_id)
-            cell = next((c for c in image.cells if c.id == prediction.cell_id), None)
+            cell = cells.get(prediction.cell_id)
             where = (f"cell #{cell.index}" + (" (cut by the image border)" if cell.touches_border else "")
                      + (f", {measures_line(cell.morphometrics)}" if cell.morphometrics else "") + ": ") if cell else ""
             pdf.multi_cell(0, 5, f"{where}{prediction.label} (confidence {prediction.confidence:.3f}"

@@ -62,13 +62,12 @@ def _model_id_choice(task: str) -> tuple[str | None, bool] | None:
     model_id = st.text_input("Model id (empty: generated)", key="train_model_id").strip()
     if not model_id:
         return None, False
-    store = ModelStore()
     try:
-        store.check_new_id(model_id, task, replace=True)
+        existing = ModelStore().check_new_id(model_id, task, replace=True)
     except ValueError as exc:
         st.error(str(exc))
         return None
-    if store.existing(model_id) is None:
+    if existing is None:
         return model_id, False
     if st.checkbox(f"Replace the existing model {model_id} (retrain it under its id)", key=f"replace_{model_id}"):
         return model_id, True
@@ -176,11 +175,12 @@ def job_view() -> None:
             job.kill()
     with st.expander("Log"):
         st.code(job.log_tail() or "(empty)")
-    no_model = job.no_model_reason()
-    if no_model:
-        st.warning(f"{no_model[:1].upper()}{no_model[1:]}.")
-    elif state in ("finished", "stopped"):
-        job_evaluation(job, user)
+    if state in ("finished", "stopped"):
+        no_model = job.no_model_reason()
+        if no_model:
+            st.warning(f"{no_model[:1].upper()}{no_model[1:]}.")
+        else:
+            job_evaluation(job, user)
     elif state in ("failed", "interrupted", "cancelled"):
         st.error(f"The job {state}. The end of its log says why.")
 
