@@ -365,25 +365,35 @@ def segment_image(rgb: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], 
     return SegmentedImage("field", field_mask, cells)
 
 
-def make_segmenter(method: str = "auto", model_id: str | None = None, device: str | None = None,
-                   backend: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
-    """A crop -> mask function. ``auto`` takes whichever segmenter had the higher mean Dice
-    on the validation masks (both are measured when the learned one is trained, and kept in
-    its card), and the classical one when no learned segmenter is installed. ``backend`` is
-    the learned segmenter's (see :class:`LearnedSegmenter`)."""
+def chosen_segmenter(method: str = "auto", model_id: str | None = None):
+    """The card of the learned segmenter that ``method`` resolves to, or ``None`` for the
+    classical one. ``auto`` takes whichever had the higher mean Dice on the validation masks
+    (both are measured when the learned one is trained, and kept in its card), and the
+    classical one when no learned segmenter is installed; ``learned`` raises
+    :class:`leuko.modelstore.ModelNotFoundError` when none is."""
     from leuko.modelstore import ModelNotFoundError, ModelStore
     from leuko.segtrain import mean_dice
 
     if method == "classical":
-        return classical_segment
+        return None
     store = ModelStore()
     try:
         card, _ = store.locate(model_id or store.default_id("segmentation"))
     except ModelNotFoundError:
         if method == "learned":
             raise
-        return classical_segment
+        return None
     metrics = card.metrics
     if method == "auto" and "classical_val" in metrics and mean_dice(metrics["classical_val"]) > mean_dice(metrics["val"]):
+        return None
+    return card
+
+
+def make_segmenter(method: str = "auto", model_id: str | None = None, device: str | None = None,
+                   backend: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
+    """A crop -> mask function: the segmenter :func:`chosen_segmenter` resolves ``method`` to.
+    ``backend`` is the learned segmenter's (see :class:`LearnedSegmenter`)."""
+    card = chosen_segmenter(method, model_id)
+    if card is None:
         return classical_segment
-    return LearnedSegmenter(card.id, store=store, device=device, backend=backend).segment
+    return LearnedSegmenter(card.id, device=device, backend=backend).segment

@@ -1,5 +1,7 @@
 """Every page through Streamlit's AppTest, against the real core, models and a real SQLite case log."""
 
+import json
+import shutil
 import time
 
 import pytest
@@ -9,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 from leuko.analysis import png_bytes
 from leuko.modelstore import ModelStore
 from leuko.paths import REPO_ROOT
+from leuko.segment import classical_segment
 from leuko.store import CaseStore, ImageEntry, PredictionEntry
 from tests.conftest import write_class_folder
 from tests.test_segment import stained_cell
@@ -232,3 +235,30 @@ def test_train_page_starts_a_background_job(leuko_home, accounts, binary_folder)
     assert job.config.background_replacement == 0.5 and job.config.colour_invariance
     assert job.config.view_zoom == 1.4
     job.kill()
+
+
+def test_the_analyze_page_loads_another_segmenter_when_the_segmentation_default_changes(leuko_home):
+    from leuko.analysis import AnalysisSettings
+    from leuko.ui.analyze import analyzer_for, load_analyzer
+
+    analyzer_for.clear()
+    settings = AnalysisSettings("all_binary", None, "cpu", "learned")
+    first = load_analyzer(settings)
+    assert load_analyzer(settings) is first
+    assert first.segment.__self__.card.id == "segmentation-unet_lite0"
+
+    store = ModelStore()
+    card = json.loads((REPO_ROOT / "models" / "segmentation-unet_lite0.json").read_text())
+    card["id"] = "segmentation-retrained"
+    store.folders[0].mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO_ROOT / "models" / "segmentation-unet_lite0.safetensors",
+                store.folders[0] / "segmentation-retrained.safetensors")
+    (store.folders[0] / "segmentation-retrained.json").write_text(json.dumps(card))
+    store.set_default("segmentation", "segmentation-retrained")
+
+    second = load_analyzer(settings)
+    assert second is not first
+    assert second.segment.__self__.card.id == "segmentation-retrained"
+    assert load_analyzer(AnalysisSettings("all_binary", None, "cpu", "classical")).segment \
+        is classical_segment
+    analyzer_for.clear()

@@ -17,6 +17,7 @@ from leuko.examples import PUBLIC_DATASETS, examples_root, find_examples
 from leuko.explain import CAM_METHODS
 from leuko.images import IMAGE_SUFFIXES, ImageError
 from leuko.modelstore import ModelIntegrityError, ModelNotFoundError, ModelStore
+from leuko.segment import chosen_segmenter
 from leuko.store import REFERENCE_MAX_CHARS, StoreError, StoreUnavailableError
 from leuko.tasks import TASKS
 from leuko.ui.auth import case_store, current_user
@@ -38,10 +39,13 @@ class RunOptions:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model...")
-def analyzer_for(task: str, model_id: str | None, device: str, segmenter: str, weights: str) -> Analyzer:
-    """One analyzer (classifier, CAM object, segmenter) per choice, shared by all sessions;
-    ``weights`` (the card's weights digest) keys the cache too, so a model retrained under
-    the same id is loaded afresh instead of serving the old weights."""
+def analyzer_for(task: str, model_id: str | None, device: str, segmenter: str, weights: str,
+                 segmenter_weights: str) -> Analyzer:
+    """One analyzer (classifier, CAM object, segmenter) per choice, shared by all sessions.
+    ``weights`` and ``segmenter_weights`` (the classifier's and the learned segmenter's
+    weights digests, ``classical`` for the classical segmenter) key the cache too, so a model
+    retrained under the same id, or another segmentation default, is loaded afresh instead of
+    serving the old weights."""
     return Analyzer(AnalysisSettings(task, model_id, None if device == "auto" else device, segmenter))
 
 
@@ -130,7 +134,10 @@ def load_analyzer(settings: AnalysisSettings) -> Analyzer | None:
         store = ModelStore()
         model_id = settings.model_id or store.default_id(settings.task)
         weights = store.locate(model_id)[0].weights_sha256
-        return analyzer_for(settings.task, model_id, settings.device or "auto", settings.segmenter, weights)
+        segmenter = chosen_segmenter(settings.segmenter)
+        segmenter_weights = f"{segmenter.id}:{segmenter.weights_sha256}" if segmenter else "classical"
+        return analyzer_for(settings.task, model_id, settings.device or "auto", settings.segmenter, weights,
+                            segmenter_weights)
     except (ModelNotFoundError, ModelIntegrityError, DeviceError) as exc:
         st.error(f"The model could not be loaded: {exc}")
         return None
