@@ -117,21 +117,18 @@ class ImageAnalysis:
         """True when no cell was found or any cell's result is below the review threshold."""
         return not self.cells or any(c.prediction.needs_review for c in self.cells)
 
+    @property
+    def labels(self) -> list[str]:
+        """The predicted class id of each cell."""
+        return [c.prediction.label for c in self.cells]
+
     def differential(self) -> list[dict]:
         """Per class: count and percentage of the cells (whole cells and cut ones alike)."""
-        total = len(self.cells)
-        rows = []
-        for info in self.task.classes:
-            count = sum(c.prediction.label == info.id for c in self.cells)
-            rows.append({"class": info.display, "cells": count, "percent": 100.0 * count / total if total else 0.0})
-        return rows
+        return self.task.differential(self.labels)
 
     def blast_percent(self) -> float | None:
         """Share of cells read as blasts (%), for tasks that have blast classes."""
-        if not self.task.blast_classes or not self.cells:
-            return None
-        blasts = sum(c.prediction.label in self.task.blast_classes for c in self.cells)
-        return 100.0 * blasts / len(self.cells)
+        return self.task.blast_percent(self.labels)
 
     def morphometrics_rows(self) -> list[dict]:
         return [{"cell": c.index, "label": c.prediction.label, "confidence": c.prediction.confidence,
@@ -169,8 +166,7 @@ class ImageAnalysis:
             unsure = sum(c.prediction.needs_review for c in self.cells)
             lines.append(f"{len(self.cells)} white cell(s) found"
                          + (f", {cut} cut by the image border" if cut else "") + ".")
-            counts = ", ".join(f"{r['class']} {r['cells']} ({r['percent']:.0f}%)" for r in self.differential() if r["cells"])
-            lines.append(f"Differential: {counts}.")
+            lines.append(f"Differential: {self.task.differential_text(self.labels)}.")
             blasts = self.blast_percent()
             if blasts is not None:
                 lines.append(f"Cells read as blasts: {blasts:.0f}%.")

@@ -6,6 +6,7 @@ adding one entry here. Class ids are the labels used in ``../shared/data/manifes
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -56,6 +57,26 @@ class Task:
 
     def info(self, class_id: str) -> ClassInfo:
         return self.classes[self.index_of(class_id)]
+
+    def differential(self, labels: Sequence[str]) -> list[dict]:
+        """Per class, in the task's order: display name, count and percentage of the cells
+        whose labels (class ids) are ``labels``."""
+        total = len(labels)
+        return [{"class": info.display, "cells": labels.count(info.id),
+                 "percent": 100.0 * labels.count(info.id) / total if total else 0.0} for info in self.classes]
+
+    def differential_text(self, labels: Sequence[str]) -> str:
+        """The differential of ``labels`` in one line: the classes present with counts and
+        percentages, e.g. ``Lymphocyte 3 (60%), Neutrophil 2 (40%)``."""
+        return ", ".join(f"{r['class']} {r['cells']} ({r['percent']:.0f}%)" for r in self.differential(labels)
+                         if r["cells"])
+
+    def blast_percent(self, labels: Sequence[str]) -> float | None:
+        """Share (%) of ``labels`` that are blast classes; ``None`` for a task without blast
+        classes or no labels."""
+        if not self.blast_classes or not labels:
+            return None
+        return 100.0 * sum(label in self.blast_classes for label in labels) / len(labels)
 
 
 TASKS: dict[str, Task] = {

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leuko.clinical import (ClinicalValueError, ClinicalValues, convert, flags, reference_range, validate)
+from leuko.clinical import (ClinicalValueError, ClinicalValues, convert, flags, reference_range, stored_flags,
+                             validate)
 
 
 @pytest.mark.parametrize("values, field, words", [
@@ -127,3 +128,10 @@ def test_a_count_typed_in_the_wrong_unit_is_refused_with_a_hint(field, value, un
     with pytest.raises(ClinicalValueError, match="below any reported count.*check the unit"):
         validate(ClinicalValues(**{field: convert(field, value, unit)}))
     assert validate(ClinicalValues(**{field: 0.0})).present() == {field: 0.0}
+
+
+def test_a_stored_count_gives_its_flags_or_why_it_could_not_be_checked():
+    found, problem = stored_flags(ClinicalValues(wbc=45.0))
+    assert [f.name for f in found] == ["leukocytosis"] and problem is None
+    found, problem = stored_flags(ClinicalValues(wbc=0.005))
+    assert found == [] and "wbc" in problem.lower()

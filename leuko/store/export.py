@@ -97,28 +97,25 @@ def _differential_lines(image, finals: dict) -> list[str]:
     """A field's count per class (the reviewer's final label where there is one, else the
     model's) with percentages, and the share read as blasts for tasks that have blast
     classes."""
-    from collections import Counter
-
     from leuko.tasks import get_task
 
     labels = [finals[p.cell_id].final_label if p.cell_id in finals else p.label
               for p in image.predictions if p.cell_id is not None]
     if not labels:
         return []
-    counts = Counter(labels)
-    lines = ["Differential (reviewed labels where given): " + ", ".join(
-        f"{label} {n} ({100 * n / len(labels):.0f}%)" for label, n in counts.most_common()) + "."]
     task = get_task(image.predictions[0].task)
-    if task.blast_classes:
-        blasts = sum(counts[c] for c in task.blast_classes)
-        lines.append(f"Cells read as blasts: {blasts} of {len(labels)} ({100 * blasts / len(labels):.0f}%).")
+    lines = [f"Differential (reviewed labels where given): {task.differential_text(labels)}."]
+    blasts = task.blast_percent(labels)
+    if blasts is not None:
+        lines.append(f"Cells read as blasts: {sum(label in task.blast_classes for label in labels)} of {len(labels)} "
+                     f"({blasts:.0f}%).")
     return lines
 
 
 def case_pdf(store: CaseStore, case_id: int, path: Path, model_summaries: dict[str, str] | None = None) -> Path:
     """A one-case PDF: images with their CAM overlays, probabilities, clinical flags, reviews,
     sign-off, the models' card summaries and the decision-support disclaimer."""
-    from leuko.clinical import UNITS, ClinicalValueError, ClinicalValues, flags
+    from leuko.clinical import UNITS, ClinicalValues, stored_flags
 
     case = store.case(case_id)
     pdf = _report_pdf()
@@ -138,11 +135,8 @@ def case_pdf(store: CaseStore, case_id: int, path: Path, model_summaries: dict[s
         pdf.multi_cell(0, 5, "Clinical values: " + ", ".join(
             f"{k} {v:g} {UNITS[k]}" if k in UNITS else f"{k} {v}" for k, v in values.present().items()),
                        new_x="LMARGIN", new_y="NEXT")
-        try:
-            findings = [f"- {flag.describe()}" for flag in flags(values)]
-        except ClinicalValueError as exc:
-            findings = [f"- the blood count could not be checked: {exc}"]
-        for line in findings:
+        found, problem = stored_flags(values)
+        for line in [f"- {flag.describe()}" for flag in found] + ([f"- the blood count could not be checked: {problem}"] if problem else []):
             pdf.multi_cell(0, 5, line, new_x="LMARGIN", new_y="NEXT")
     for image in case.images:
         pdf.ln(3)

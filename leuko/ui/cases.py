@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from leuko.analysis import saved_mask_overlay
-from leuko.clinical import LABELS, UNITS, ClinicalValueError, ClinicalValues, flags
+from leuko.clinical import LABELS, UNITS, ClinicalValues, stored_flags
 from leuko.store import NO_LEUKOCYTE, CaseFilter, CaseStore, PermissionDenied, StoreError, StoreUnavailableError
 from leuko.store.export import case_pdf, cases_csv
 from leuko.store.models import ImageRecord
@@ -80,6 +80,13 @@ def _image_bytes(store: CaseStore, relative: str | None) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
+@st.cache_data(max_entries=256, show_spinner=False)
+def _mask_overlay(original: Path, mask: Path) -> bytes | None:
+    """A saved crop's mask overlay, drawn once: stored files are named by their content's
+    digest, so the same paths always hold the same pictures."""
+    return saved_mask_overlay(original, mask)
+
+
 def _final_labels(image: ImageRecord) -> dict[int | None, str]:
     return {review.cell_id: review.final_label for review in image.reviews}
 
@@ -96,7 +103,7 @@ def review_image(store: CaseStore, image: ImageRecord, user: dict, locked: bool)
     if whole:
         mask = store.files.path(whole.mask_path) if whole.mask_path else None
         pictures += [_image_bytes(store, whole.cam_path),
-                     saved_mask_overlay(store.files.path(image.stored_path), mask) if mask else None]
+                     _mask_overlay(store.files.path(image.stored_path), mask) if mask else None]
         captions += ["Attention map (CAM)", "Nucleus / cytoplasm"]
     shown = [(p, c) for p, c in zip(pictures, captions) if p]
     st.image([p for p, _ in shown], caption=[c for _, c in shown], width=220 if image.kind == "crop" else 480)
@@ -208,11 +215,9 @@ def case_detail(store: CaseStore, case_id: int, user: dict) -> None:
         values = ClinicalValues(**case.clinical)
         st.dataframe(pd.DataFrame([{f"{LABELS.get(k, k)} ({UNITS[k]})" if k in UNITS else LABELS.get(k, k): v
                                     for k, v in values.present().items()}]), hide_index=True)
-        try:
-            found = flags(values)
-        except ClinicalValueError as exc:
-            st.warning(f"The blood count could not be checked: {exc}. The values are shown as saved.")
-            found = []
+        found, problem = stored_flags(values)
+        if problem:
+            st.warning(f"The blood count could not be checked: {problem}. The values are shown as saved.")
         for flag in found:
             st.warning(f"CBC: {flag.describe()}")
     for image in case.images:
