@@ -251,3 +251,30 @@ def test_store_add_user_command_requires_a_username(tmp_path, monkeypatch, capsy
     assert main(["store", "add-user", "--username", "ann", "--role", "reviewer"]) == 0
     assert main(["store", "add-user", "--username", "ann"]) == 2
     assert "user 'ann' already exists" in capsys.readouterr().err
+
+
+def test_a_write_waits_for_another_writer_and_says_so_when_it_never_finishes(tmp_path, monkeypatch):
+    import sqlite3
+    import threading
+
+    monkeypatch.setattr("leuko.store.db.BUSY_TIMEOUT_MS", 50)
+    store = CaseStore(home=tmp_path)
+    other = sqlite3.connect(tmp_path / "leuko.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.6, lambda: other.execute("COMMIT"))
+    release.start()
+    store.create_user("ann", "long-enough", "analyst")
+    release.join()
+    assert store.authenticate("ann", "long-enough").username == "ann"
+
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailableError, match="stayed busy.*database is busy.*locked"):
+            store.create_user("bob", "long-enough", "analyst")
+        with pytest.raises(StoreUnavailableError, match="^the case database is busy .*try again in a moment$"):
+            store.list_cases()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.create_user("bob", "long-enough", "analyst")
+    store.close()

@@ -49,6 +49,13 @@ class StoreError(ValueError):
     """An operation the case log refuses; the message says why."""
 
 
+class _DatabaseBusy(StoreUnavailableError):
+    """SQLite is locked by another writer; writes retry, reads report it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the case database is busy ({reason}); try again in a moment")
+
+
 class PermissionDenied(StoreError):
     """The account's role does not allow the operation."""
 
@@ -173,8 +180,10 @@ class CaseStore:
         self.engine.dispose()
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A session committed on success and rolled back on any error."""
+    def session(self, action: str = "reached") -> Iterator[Session]:
+        """A session committed on success and rolled back on any error. A refused statement
+        passes through; other database errors become :class:`StoreUnavailableError` saying
+        the database could not be ``action`` (:class:`_DatabaseBusy` while SQLite is locked)."""
         session = self._sessions()
         try:
             yield session
@@ -183,7 +192,9 @@ class CaseStore:
             session.rollback()
             if isinstance(exc, REFUSED_STATEMENTS):
                 raise
-            raise unavailable(exc, self.engine.url) from exc
+            if isinstance(exc, OperationalError) and ("locked" in str(exc.orig) or "busy" in str(exc.orig)):
+                raise _DatabaseBusy(str(exc.orig)) from exc
+            raise unavailable(exc, self.engine.url, action) from exc
         except BaseException:
             session.rollback()
             raise
@@ -191,28 +202,14 @@ class CaseStore:
             session.close()
 
     def _write(self, work):
-        """Run ``work(session)`` in one transaction, retrying when SQLite is busy."""
-        last: Exception | None = None
+        """Run ``work(session)`` in one transaction, retrying while SQLite is busy."""
         for attempt in range(8):
-            session = self._sessions()
             try:
-                result = work(session)
-                session.commit()
-                return result
-            except DBAPIError as exc:
-                session.rollback()
-                if isinstance(exc, REFUSED_STATEMENTS):
-                    raise
+                with self.session("written") as session:
+                    return work(session)
+            except _DatabaseBusy as exc:
                 last = exc
-                busy = isinstance(exc, OperationalError) and ("locked" in str(exc.orig) or "busy" in str(exc.orig))
-                if not busy:
-                    raise unavailable(exc, self.engine.url, "written") from exc
                 time.sleep(0.1 * (attempt + 1))
-            except BaseException:
-                session.rollback()
-                raise
-            finally:
-                session.close()
         raise StoreUnavailableError(f"the case database stayed busy: {last}")
 
     @staticmethod
