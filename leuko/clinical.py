@@ -179,11 +179,10 @@ REFERENCE: dict[str, dict[str, Range]] = {
 
 HEMOGLOBIN = {"infant": Range(10.5, 14.0), "1-5 y": Range(11.0, 14.0), "6-11 y": Range(11.5, 15.5),
               "12-17 y": Range(12.0, 16.0), "adult female": Range(12.0, 16.0), "adult male": Range(13.0, 17.0)}
-WHO_ANAEMIA_BELOW = ((0.5, 11.0), (5.0, 11.5), (12.0, 12.0), (15.0, 12.0))
-"""WHO anaemia thresholds (g/dL) from each age (years) to the next (WHO 2011, above); from 15
-years 12.0 for women and 13.0 for men. They set haemoglobin's lower limit from six months on,
-so the limits change at 5, 12 and 15 years, not at the other tables' band edges."""
-WHO_ANAEMIA_BELOW_MEN = 13.0
+WHO_ANAEMIA_BELOW = ((0.5, 11.0, 11.0), (5.0, 11.5, 11.5), (12.0, 12.0, 12.0), (15.0, 12.0, 13.0))
+"""WHO anaemia thresholds (g/dL) from each age (years) to the next, as (age, women and
+children, men) (WHO 2011, above). They set haemoglobin's lower limit from six months on, so
+the limits change at 5, 12 and 15 years, not at the other tables' band edges."""
 HEMATOCRIT = {"child": Range(33.0, 45.0), "adult female": Range(36.0, 46.0), "adult male": Range(40.0, 50.0)}
 RBC = {"child": Range(3.9, 5.3), "adult female": Range(3.8, 4.8), "adult male": Range(4.5, 5.5)}
 
@@ -220,10 +219,8 @@ def reference_range(field: str, age: float | None = None, sex: Sex | None = None
     haemoglobin's lower limit at the WHO anaemia threshold for the age and sex."""
     interval = band_interval(field, age, sex)
     if field == "hemoglobin" and age is not None and age >= WHO_ANAEMIA_BELOW[0][0]:
-        low = next(limit for start, limit in reversed(WHO_ANAEMIA_BELOW) if age >= start)
-        if age >= 15.0 and sex == "male":
-            low = WHO_ANAEMIA_BELOW_MEN
-        interval = Range(low, interval.high)
+        others, men = next(limits for start, *limits in reversed(WHO_ANAEMIA_BELOW) if age >= start)
+        interval = Range(men if sex == "male" else others, interval.high)
     return interval
 
 
