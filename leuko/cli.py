@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -83,14 +85,18 @@ class _CellsOf:
 
     def __call__(self, path: Path, image) -> list[tuple[int | None, object, tuple[int, int, int, int] | None]]:
         """(cell number or None for a crop, RGB image, box x, y, w, h in pixels or None) per cell;
-        none for a field without a leukocyte. Raises :class:`leuko.segment.SegmentationError`
-        when a field needs the segmenter and it cannot be loaded (a damaged model file)."""
+        none for a field without a leukocyte. Raises :class:`leuko.images.ImageError` for a crop
+        too small or blank to hold a cell, and :class:`leuko.segment.SegmentationError` when a
+        field needs the segmenter and it cannot be loaded (a damaged model file)."""
         import numpy as np
 
         from leuko.modelstore import ModelIntegrityError
-        from leuko.segment import SegmentationError, make_segmenter, resolve_kind, segment_image
+        from leuko.segment import SegmentationError, crop_problem, make_segmenter, resolve_kind, segment_image
 
         if resolve_kind(self.kind, image.height, image.width) == "crop":
+            problem = crop_problem(np.asarray(image))
+            if problem:
+                raise ImageError(f"{path}: {problem}")
             return [(None, image, None)]
         if self.segment is None:
             try:
@@ -104,43 +110,60 @@ class _CellsOf:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from leuko.images import IMAGE_SUFFIXES
     from leuko.predict import Predictor
     from leuko.segment import SegmentationError
 
+    paths = find_images(args.paths)
+    if not paths:
+        print("error: no image files found in the given paths", file=sys.stderr)
+        return 1
+    if args.csv and (Path(args.csv).suffix.lower() in IMAGE_SUFFIXES
+                     or Path(args.csv).resolve() in {path.resolve() for path in paths}):
+        print(f"error: --csv {args.csv} is an image file or one of the inputs; name a new .csv file", file=sys.stderr)
+        return 2
     predictor = Predictor(args.model, task=args.task, device=args.device, tta=args.tta)
     cells_of = _CellsOf(args.kind, args.device)
-    paths = find_images(args.paths)
     handle = open(args.csv, "w", newline="") if args.csv else sys.stdout
     read = 0
     try:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "confidence", "needs_review", *(f"p_{c}" for c in predictor.classes),
-                         "cell", "x", "y", "width", "height"])
+                         "cell", "x", "y", "width", "height", "error"])
         batch: list[tuple[Path, int | None, object, tuple | None]] = []
 
         def flush() -> None:
             for (path, index, _, box), result in zip(batch, predictor.predict([image for _, _, image, _ in batch])):
                 writer.writerow([str(path), result.label, f"{result.confidence:.6f}", result.needs_review,
                                  *(f"{p:.6f}" for p in result.probabilities),
-                                 *((index, *box) if box else ("",) * 5)])
+                                 *((index, *box) if box else ("",) * 5), ""])
             batch.clear()
+
+        def unclassified(path: Path, reason: str) -> None:
+            flush()
+            writer.writerow([str(path), *("",) * (3 + len(predictor.classes) + 5), reason])
 
         for path in paths:
             try:
-                batch += [(path, *cell) for cell in cells_of(path, load_image(path))]
+                cells = cells_of(path, load_image(path))
                 read += 1
             except ImageError as exc:
                 print(f"skipped {exc}", file=sys.stderr)
+                unclassified(path, str(exc).removeprefix(f"{path}: "))
+                continue
             except SegmentationError as exc:
                 print(f"skipped {path}: {exc}", file=sys.stderr)
+                unclassified(path, str(exc))
+                continue
+            if not cells:
+                unclassified(path, "no leukocyte found")
+            batch += [(path, *cell) for cell in cells]
             if len(batch) >= 32:
                 flush()
         flush()
     finally:
         if args.csv:
             handle.close()
-    if not paths:
-        print("error: no image files found in the given paths", file=sys.stderr)
     return 0 if read else 1
 
 
@@ -153,13 +176,18 @@ def _models(args: argparse.Namespace) -> int:
         store.set_default(card.task, card.id)
         print(f"{card.id} is now the default for {card.task}")
         return 0
-    if args.json:
-        print(json.dumps([c.__dict__ for c in store.cards(args.task)], indent=2))
-        return 0
     rows = store.status(args.task)
+    unreadable = store.unreadable_cards()
+    failures = sum(entry.problem is not None for entry in rows) + len(unreadable)
+    if args.json:
+        print(json.dumps([{**entry.card.__dict__, "default": entry.default, "problem": entry.problem} for entry in rows]
+                         + [{"card_file": str(path), "problem": why} for path, why in unreadable], indent=2))
+        return 1 if failures and args.check else 0
+    for path, why in unreadable:
+        print(f"BROKEN card {path}: {why}")
     if not rows:
         print("no models installed" + (f" for {args.task}" if args.task else ""))
-        return 0
+        return 1 if failures and args.check else 0
     print(f"{'id':<44}{'task':<14}{'arch':<22}{'test acc':>9}{'T':>7}  status")
     for entry in rows:
         card = entry.card
@@ -168,7 +196,6 @@ def _models(args: argparse.Namespace) -> int:
         status = "ok" if entry.problem is None else f"BROKEN: {entry.problem}"
         print(f"{card.id:<44}{card.task:<14}{card.arch:<22}{accuracy:>9}{card.temperature:>7.2f}  {status}"
               + (" (default)" if entry.default else ""))
-    failures = sum(entry.problem is not None for entry in rows)
     return 1 if failures and args.check else 0
 
 
@@ -184,37 +211,59 @@ def _unique_names(stem: str, suffixes: Sequence[str], used: set[str]) -> list[st
 
 
 def _segment(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     import numpy as np
-    import pandas as pd
     from PIL import Image
 
-    from leuko.morphometrics import measure_cell
+    from leuko.images import mark_output_folder
+    from leuko.morphometrics import Morphometrics, measure_cell
     from leuko.segment import SegmentationError, make_segmenter, segment_image
 
+    paths = find_images(args.paths)
+    if not paths:
+        print("error: no image files found in the given paths", file=sys.stderr)
+        return 1
     segment = make_segmenter(args.method, device=args.device)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows, done, used = [], 0, set()
-    for path in find_images(args.paths):
-        try:
-            rgb = np.asarray(load_image(path))
-            result = segment_image(rgb, segment, kind=args.kind)
-        except (ImageError, SegmentationError) as exc:
-            print(f"skipped {exc}", file=sys.stderr)
-            continue
-        name = _unique_names(path.stem, ["_mask.png"], used)[0]
-        Image.fromarray(result.mask).save(out_dir / name)
-        done += 1
-        if not result.cells:
-            print(f"{path}: no leukocyte found", file=sys.stderr)
-        for index, cell in enumerate(result.cells, start=1):
-            x, y, w, h = cell.box
-            rows.append({"path": str(path), "mask_file": name, "cell": index, "kind": result.kind, "x": x, "y": y, "width": w,
-                         "height": h, "touches_border": cell.touches_border,
-                         **measure_cell(cell.mask, cell.crop, args.pixel_size).as_dict()})
-    pd.DataFrame(rows).to_csv(out_dir / "morphometrics.csv", index=False)
-    print(f"segmented {done} image(s), {len(rows)} cell(s); masks and morphometrics.csv in {out_dir}")
-    return 0 if done else 1
+    table = out_dir / "morphometrics.csv"
+    handle, writer, done, cells, used = None, None, 0, 0, set()
+    try:
+        for path in paths:
+            try:
+                rgb = np.asarray(load_image(path))
+                result = segment_image(rgb, segment, kind=args.kind)
+            except ImageError as exc:
+                print(f"skipped {exc}", file=sys.stderr)
+                continue
+            except SegmentationError as exc:
+                print(f"skipped {path}: {exc}", file=sys.stderr)
+                continue
+            if writer is None:
+                if table.exists():
+                    print(f"replacing the morphometrics.csv of an earlier run in {out_dir}", file=sys.stderr)
+                handle = open(mark_output_folder(out_dir) / table.name, "w", newline="")
+                writer = csv.writer(handle)
+                writer.writerow(["path", "mask_file", "cell", "kind", "x", "y", "width", "height", "touches_border",
+                                 *(f.name for f in fields(Morphometrics))])
+            name = _unique_names(path.stem, ["_mask.png"], used)[0]
+            Image.fromarray(result.mask).save(out_dir / name)
+            done += 1
+            if not result.cells:
+                print(f"{path}: no leukocyte found", file=sys.stderr)
+            for index, cell in enumerate(result.cells, start=1):
+                writer.writerow([str(path), name, index, result.kind, *cell.box, cell.touches_border,
+                                 *measure_cell(cell.mask, cell.crop, args.pixel_size).as_dict().values()])
+            cells += len(result.cells)
+            handle.flush()
+    finally:
+        if handle is not None:
+            handle.close()
+    if not done:
+        print("error: no image could be segmented; nothing was written", file=sys.stderr)
+        return 1
+    print(f"segmented {done} image(s), {cells} cell(s); masks and morphometrics.csv in {out_dir}")
+    return 0
 
 
 def _evaluate_segmentation(args: argparse.Namespace) -> int:
@@ -254,15 +303,20 @@ def _explain(args: argparse.Namespace) -> int:
     import numpy as np
 
     from leuko.explain import Explainer, overlay, save_png, side_by_side
+    from leuko.images import mark_output_folder
     from leuko.predict import Predictor
     from leuko.segment import SegmentationError
 
+    paths = find_images(args.paths)
+    if not paths:
+        print("error: no image files found in the given paths", file=sys.stderr)
+        return 1
     predictor = Predictor(args.model, task=args.task, device=args.device)
     cells_of = _CellsOf(args.kind, args.device)
-    out_dir = Path(args.out_dir)
+    out_dir = mark_output_folder(Path(args.out_dir))
     done, used = 0, set()
     with Explainer(predictor) as explainer:
-        for path in find_images(args.paths):
+        for path in paths:
             try:
                 cells = cells_of(path, load_image(path))
             except ImageError as exc:
@@ -345,6 +399,17 @@ def _store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_number(text: str) -> float:
+    """An argparse type: a finite number above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def _add_kind_argument(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--kind", choices=["auto", "crop", "field"], default="auto",
                         help=f"crop: the image is one cell; field: {verb} every leukocyte found; auto: a field "
@@ -412,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto: the learned segmenter when installed, else classical")
     _add_kind_argument(segment, "segment")
     segment.add_argument("--out-dir", default="segmentation")
-    segment.add_argument("--pixel-size", type=float, help="micrometres per pixel, for areas in um^2")
+    segment.add_argument("--pixel-size", type=_positive_number, help="micrometres per pixel, for areas in um^2")
     segment.add_argument("--device")
     segment.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     segment.set_defaults(handler=_segment)
@@ -496,7 +561,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ModelNotFoundError, ModelIntegrityError, DeviceError, FileNotFoundError, ValueError, KeyError,
-            StoreError, StoreUnavailableError) as exc:
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except (ModelNotFoundError, ModelIntegrityError, DeviceError, ValueError, KeyError, StoreError,
+            StoreUnavailableError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except EOFError:
+        print("error: the input ended before a value was given", file=sys.stderr)
         return 2

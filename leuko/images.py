@@ -36,8 +36,7 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
             raise ImageError(f"{name}: the file is empty")
     elif len(source) == 0:
         raise ImageError(f"{name}: the file is empty")
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    too_large = f"{name}: {{}} pixels is over the limit of {max_pixels / 1e6:.0f} megapixels"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -47,18 +46,15 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
                                  "use PNG, JPEG, TIFF or BMP")
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageError(f"{name}: {width}x{height} pixels is over the limit of "
-                                 f"{max_pixels / 1e6:.0f} megapixels")
+                raise ImageError(too_large.format(f"{width}x{height}"))
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: image too large to open safely ({exc})") from None
+        raise ImageError(too_large.format(f"more than {Image.MAX_IMAGE_PIXELS / 1e6:.0f} million")) from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file, or a format that is not supported "
                          "(use PNG, JPEG, TIFF or BMP)") from None
     except (OSError, SyntaxError) as exc:
         raise ImageError(f"{name}: the image is damaged or truncated ({exc})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
     return image
 
 
@@ -111,17 +107,32 @@ def load_mask(path: str | Path) -> np.ndarray:
         return np.asarray(mask.convert("L"))
 
 
+OUTPUT_MARKER = ".leuko-output"
+"""File that marks a folder as written by a Leuko command (overlays, masks), so that a later
+run over the folder above it does not read those pictures back in as smear images."""
+
+
+def mark_output_folder(folder: Path) -> Path:
+    """Create ``folder`` if needed and mark it as a Leuko output folder (:data:`OUTPUT_MARKER`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / OUTPUT_MARKER).write_text("Written by Leuko; image searches of the folders above skip this one.\n")
+    return folder
+
+
 def find_images(paths: list[str | Path]) -> list[Path]:
     """Expand files and folders (searched recursively) into a sorted list of image paths.
 
     Files given explicitly are kept whatever their suffix, so an unreadable one is reported
-    rather than silently dropped; folders contribute files with image suffixes only.
+    rather than silently dropped; folders contribute files with image suffixes only, and
+    none from a Leuko output folder (:func:`mark_output_folder`) below the one given.
     """
     found: list[Path] = []
     for item in map(Path, paths):
         if item.is_dir():
+            outputs = {marker.parent for marker in item.rglob(OUTPUT_MARKER)} - {item}
             found.extend(sorted(p for p in item.rglob("*")
-                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                                and not outputs.intersection(p.parents)))
         else:
             found.append(item)
     return found

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -135,21 +136,36 @@ class ModelStore:
     def __init__(self, folders: list[Path] | None = None) -> None:
         self.folders = [Path(f) for f in (folders or [user_models_dir(), SHIPPED_MODELS])]
 
-    def cards(self, task: str | None = None) -> list[ModelCard]:
-        """All readable cards (first store wins on duplicate ids), newest first."""
-        seen: dict[str, ModelCard] = {}
+    def _card_files(self) -> Iterator[tuple[Path, ModelCard | None, str | None]]:
+        """Every card file of the store folders in order: (path, card, None) for a readable
+        card named by its file, (path, None, why not) for any other."""
         for folder in self.folders:
             for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
                 if path.name == DEFAULTS_FILE:
                     continue
                 try:
                     card = ModelCard.from_dict(json.loads(path.read_text()))
-                except (ValueError, TypeError):
+                except (OSError, ValueError, TypeError, AttributeError) as exc:
+                    yield path, None, f"the card cannot be read ({exc})"
                     continue
-                if card.id == path.stem and card.id not in seen:
-                    seen[card.id] = card
+                if card.id == path.stem:
+                    yield path, card, None
+                else:
+                    yield path, None, f"the card names model {card.id!r}, not {path.stem!r}"
+
+    def cards(self, task: str | None = None) -> list[ModelCard]:
+        """All readable cards (first store wins on duplicate ids), newest first."""
+        seen: dict[str, ModelCard] = {}
+        for _, card, _ in self._card_files():
+            if card is not None and card.id not in seen:
+                seen[card.id] = card
         found = [c for c in seen.values() if task is None or c.task == task]
         return sorted(found, key=lambda c: c.created, reverse=True)
+
+    def unreadable_cards(self) -> list[tuple[Path, str]]:
+        """Card files that :meth:`cards` leaves out, with why: not JSON, fields missing or of
+        the wrong type, or an id other than the file's name."""
+        return [(path, why) for path, card, why in self._card_files() if card is None]
 
     def locate(self, model_id: str) -> tuple[ModelCard, Path]:
         """The card and folder of ``model_id``; raises :class:`ModelNotFoundError`."""

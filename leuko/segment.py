@@ -106,6 +106,22 @@ def _central_components(binary: np.ndarray, min_area: int) -> np.ndarray:
     return chosen
 
 
+BLANK_STD = 2.0
+"""Grey-level standard deviation (0-255) below which an image is one flat colour: no cell."""
+
+
+def crop_problem(rgb: np.ndarray) -> str | None:
+    """Why an image cannot show a cell to classify (smaller than :data:`MIN_SIDE` on a side,
+    or one flat colour), or ``None``. A classifier answers for any input, so callers that do
+    not segment first (the ``predict`` and ``explain`` commands) check this instead."""
+    height, width = rgb.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        return f"{width}x{height} pixels is too small to hold a cell (at least {MIN_SIDE}x{MIN_SIDE} needed)"
+    if cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY).std() < BLANK_STD:
+        return "the image is blank (one flat colour): there is no cell to classify"
+    return None
+
+
 def classical_segment(rgb: np.ndarray, config: ClassicalConfig | None = None) -> np.ndarray:
     """Mask (H, W) uint8 of the central leukocyte of a single-cell crop: 0/128/255.
 

@@ -65,6 +65,10 @@ def mask_samples(split: str, data_root: Path | None = None) -> list[MaskSample]:
     root = Path(data_root or default_data_root())
     table = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
     rows = table[(table["mask"] != "") & (table["split"] == split)].drop_duplicates("path")
+    if rows.empty:
+        splits = sorted(set(table.loc[table["mask"] != "", "split"]))
+        raise ValueError(f"no images with masks in split {split!r} of {root / 'manifest.csv'}; "
+                         f"splits with masks: {', '.join(splits) or 'none'}")
     return [MaskSample(root / r.path, root / r.mask, r.dataset) for r in rows.itertuples(index=False)]
 
 

@@ -3,6 +3,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,8 +47,11 @@ def test_predict_prints_the_csv_contract_and_skips_unreadable_files(trained, bin
     assert run.returncode == 0, run.stderr
     rows = list(csv.DictReader(io.StringIO(run.stdout)))
     assert list(rows[0]) == ["path", "label", "confidence", "needs_review", "p_ALL", "p_normal",
-                             "cell", "x", "y", "width", "height"]
-    assert len(rows) == 8 and all(row["cell"] == row["width"] == "" for row in rows)
+                             "cell", "x", "y", "width", "height", "error"]
+    unread = rows.pop()
+    assert unread["path"].endswith("broken.png") and "not an image" in unread["error"]
+    assert unread["label"] == unread["confidence"] == unread["p_ALL"] == ""
+    assert len(rows) == 8 and all(row["cell"] == row["width"] == row["error"] == "" for row in rows)
     from leuko.predict import REVIEW_CONFIDENCE
     threshold = json.loads((trained / "models" / "cli-model.json").read_text())["review_threshold"] or REVIEW_CONFIDENCE
     clear = [row for row in rows if abs(float(row["confidence"]) - threshold) > 1e-5]
@@ -71,6 +75,8 @@ def test_predict_classifies_every_leukocyte_of_a_field_image(trained, tmp_path, 
     assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(out),
                  str(tmp_path / "field.png"), str(tmp_path / "empty.png")]) == 0
     rows = list(csv.DictReader(out.open()))
+    empty = rows.pop()
+    assert empty["path"].endswith("empty.png") and empty["error"] == "no leukocyte found" and empty["label"] == ""
     assert [row["cell"] for row in rows] == ["1", "2", "3"] and all(row["path"].endswith("field.png") for row in rows)
     centres = sorted((int(row["x"]) + int(row["width"]) / 2, int(row["y"]) + int(row["height"]) / 2) for row in rows)
     assert all(abs(x - (150 + k * 340)) < 40 and abs(y - 350) < 40 for k, (x, y) in enumerate(centres))
@@ -92,6 +98,7 @@ def test_each_field_row_is_the_prediction_of_its_own_cell(trained, tmp_path, mon
     assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(out),
                  str(tmp_path / "empty.png"), str(tmp_path / "field.png"), str(tmp_path / "field.png")]) == 0
     rows = list(csv.DictReader(out.open()))
+    assert rows.pop(0)["error"] == "no leukocyte found"
     field = np.asarray(Image.open(tmp_path / "field.png"))
     crops = [field[int(r["y"]):int(r["y"]) + int(r["height"]), int(r["x"]):int(r["x"]) + int(r["width"])] for r in rows]
     alone = Predictor("cli-model").predict(crops)
@@ -114,7 +121,9 @@ def test_a_damaged_segmenter_skips_fields_and_keeps_the_crops(trained, binary_fo
     crops = sorted((binary_folder / "test" / "ALL").iterdir())[:3]
     assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(out),
                  *map(str, crops), str(tmp_path / "field.png")]) == 0
-    assert len(list(csv.DictReader(out.open()))) == 3
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 4 and all(row["label"] and not row["error"] for row in rows[:3])
+    assert rows[3]["path"].endswith("field.png") and "needs the segmenter" in rows[3]["error"]
     assert "field.png: a field of view needs the segmenter" in capsys.readouterr().err
 
 
@@ -209,3 +218,80 @@ def test_the_kind_help_gives_the_field_size_the_code_uses(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert f"is {FIELD_MIN_SIDE} px or more" in " ".join(capsys.readouterr().out.split())
+
+
+def test_predict_never_writes_over_an_input_and_accounts_for_blank_or_tiny_images(trained, binary_folder, tmp_path,
+                                                                                  monkeypatch, capsys):
+    monkeypatch.setenv("LEUKO_HOME", str(trained))
+    crop = tmp_path / "cell.png"
+    crop.write_bytes(next((binary_folder / "test" / "ALL").iterdir()).read_bytes())
+    original = crop.read_bytes()
+    for target in (crop, tmp_path / "other.png"):
+        assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(target), str(tmp_path)]) == 2
+        assert "is an image file or one of the inputs" in capsys.readouterr().err
+    assert crop.read_bytes() == original and not (tmp_path / "other.png").exists()
+    assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(tmp_path), str(crop)]) == 2
+    assert "Is a directory" in capsys.readouterr().err
+
+    Image.new("RGB", (160, 160), (250, 250, 250)).save(tmp_path / "blank.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 12, 3), np.uint8)).save(tmp_path / "tiny.png")
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(out), str(tmp_path)]) == 0
+    rows = {Path(row["path"]).name: row for row in csv.DictReader(out.open())}
+    assert rows["cell.png"]["label"] and not rows["cell.png"]["error"]
+    assert rows["blank.png"]["label"] == "" and "blank" in rows["blank.png"]["error"]
+    assert rows["tiny.png"]["label"] == "" and "too small" in rows["tiny.png"]["error"]
+
+
+def test_a_later_run_over_a_folder_skips_the_outputs_of_earlier_runs_in_it(trained, binary_folder, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setenv("LEUKO_HOME", str(trained))
+    for path in sorted((binary_folder / "test" / "ALL").iterdir())[:2]:
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    assert main(["explain", "--task", "all_binary", "--model", "cli-model", "--out-dir", str(tmp_path / "cams"),
+                 str(tmp_path)]) == 0
+    assert main(["segment", "--method", "classical", "--out-dir", str(tmp_path / "segmentation"), str(tmp_path)]) == 0
+    assert main(["explain", "--task", "all_binary", "--model", "cli-model", "--out-dir", str(tmp_path / "cams"),
+                 str(tmp_path)]) == 0
+    assert len(list((tmp_path / "cams").glob("*.png"))) == 2
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(out), str(tmp_path)]) == 0
+    assert len(list(csv.DictReader(out.open()))) == 2
+
+
+def test_segment_keeps_earlier_results_when_nothing_was_read_and_refuses_a_bad_pixel_size(binary_folder, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "segmentation"
+    assert main(["segment", "--method", "classical", "--out-dir", str(out), str(binary_folder / "test" / "ALL")]) == 0
+    table = (out / "morphometrics.csv").read_text()
+    assert len(table.splitlines()) > 1 and table.startswith("path,mask_file,cell,kind,x,y,width,height")
+    assert main(["segment", "--method", "classical", "--out-dir", str(out), str(tmp_path / "typo")]) == 1
+    assert "nothing was written" in capsys.readouterr().err
+    assert (out / "morphometrics.csv").read_text() == table
+    for size in ("-0.5", "0", "inf", "nan", "abc"):
+        with pytest.raises(SystemExit):
+            main(["segment", "--pixel-size", size, str(binary_folder)])
+        assert "is not a positive number" in capsys.readouterr().err
+
+
+def test_models_reports_damaged_cards_and_the_default_in_effect(trained, monkeypatch, capsys):
+    monkeypatch.setenv("LEUKO_HOME", str(trained))
+    from leuko.modelstore import ModelStore
+
+    ModelStore().set_default("all_binary", "cli-model")
+    listed = json.loads((main(["models", "--json", "--task", "all_binary"]), capsys.readouterr().out)[1])
+    assert [m["id"] for m in listed if m["default"]] == ["cli-model"] and len(listed) > 1
+    broken = trained / "models" / "garbage.json"
+    broken.write_text("{not json")
+    try:
+        assert main(["models", "--check"]) == 1
+        assert f"BROKEN card {broken}" in capsys.readouterr().out
+    finally:
+        broken.unlink()
+        (trained / "models" / "defaults.json").unlink()
+    assert main(["models", "--check"]) == 0
+
+
+def test_evaluate_segmentation_names_a_split_without_masks(shared_data, capsys):
+    assert main(["evaluate-segmentation", "--method", "classical", "--split", "tset", "--data", str(shared_data)]) == 2
+    assert "no images with masks in split 'tset'" in capsys.readouterr().err

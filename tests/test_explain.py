@@ -179,18 +179,18 @@ def test_explain_command_writes_cam_pngs(tmp_path, monkeypatch):
         Image.fromarray(synthetic_cell(0, 64)).save(tmp_path / folder / "same.png")
     assert main(["explain", "--task", "all_binary", "--model", "m-efficientnet_lite0", "--out-dir",
                  str(tmp_path / "twins"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
-    assert sorted(p.name for p in (tmp_path / "twins").iterdir()) == ["same-2_cam.png", "same_cam.png"]
+    assert sorted(p.name for p in (tmp_path / "twins").glob("*.png")) == ["same-2_cam.png", "same_cam.png"]
     Image.fromarray(sample_field(cells=2)).save(tmp_path / "field.png")
     assert main(["explain", "--task", "all_binary", "--model", "m-efficientnet_lite0", "--out-dir",
                  str(tmp_path / "field"), str(tmp_path / "field.png")]) == 0
-    written = sorted((tmp_path / "field").iterdir())
+    written = sorted((tmp_path / "field").glob("*.png"))
     assert [p.name for p in written] == ["field_cell1_cam.png", "field_cell2_cam.png"]
     assert all(Image.open(p).size[0] < 2 * 600 for p in written)
     (tmp_path / "c").mkdir()
     Image.fromarray(synthetic_cell(0, 64)).save(tmp_path / "c" / "field_cell1.png")
     assert main(["explain", "--task", "all_binary", "--model", "m-efficientnet_lite0", "--out-dir",
                  str(tmp_path / "clash"), str(tmp_path / "c" / "field_cell1.png"), str(tmp_path / "field.png")]) == 0
-    assert sorted(p.name for p in (tmp_path / "clash").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "clash").glob("*.png")) == [
         "field-2_cell1_cam.png", "field-2_cell2_cam.png", "field_cell1_cam.png"]
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leuko.images import ImageError, find_images, load_image
+from leuko.images import ImageError, find_images, load_image, mark_output_folder
 
 
 def _png(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -50,8 +50,8 @@ def test_truncated_file_is_refused(tmp_path):
         load_image(path)
 
 
-def test_pixel_cap_refuses_huge_images_before_decoding():
-    with pytest.raises(ImageError, match="too large|over the limit"):
+def test_pixel_cap_refuses_huge_images_before_decoding_naming_their_size():
+    with pytest.raises(ImageError, match="^upload: 3000x3000 pixels is over the limit of 1 megapixels$"):
         load_image(_png(Image.new("L", (3000, 3000))), max_pixels=1_000_000)
 
 
@@ -74,3 +74,16 @@ def test_find_images_walks_folders_and_keeps_explicit_files(tmp_path):
         (tmp_path / name).write_bytes(b"0")
     found = find_images([tmp_path / "a", tmp_path / "a" / "notes.txt"])
     assert [p.name for p in found] == ["y.JPG", "x.png", "notes.txt"]
+
+
+def test_find_images_skips_leuko_output_folders_below_the_one_given(tmp_path):
+    slide = tmp_path / "slide"
+    (slide / "more").mkdir(parents=True)
+    for name in ("cell.png", "more/cell2.png"):
+        (slide / name).write_bytes(b"0")
+    cams = mark_output_folder(slide / "cams")
+    (cams / "cell_cam.png").write_bytes(b"0")
+    (mark_output_folder(slide / "more" / "segmentation") / "cell2_mask.png").write_bytes(b"0")
+    assert [p.name for p in find_images([slide])] == ["cell.png", "cell2.png"]
+    assert [p.name for p in find_images([cams])] == ["cell_cam.png"]
+    assert [p.name for p in find_images([cams / "cell_cam.png"])] == ["cell_cam.png"]
