@@ -123,6 +123,10 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"error: --csv {args.csv} is an image file or one of the inputs; name a new .csv file", file=sys.stderr)
         return 2
     predictor = Predictor(args.model, task=args.task, device=args.device, tta=args.tta)
+    if predictor.card.training.get("simulated_clinical_seed") is not None:
+        from leuko.cohort import SIMULATED_NOTICE
+
+        print(SIMULATED_NOTICE, file=sys.stderr)
     cells_of = _CellsOf(args.kind, args.device)
     handle = open(args.csv, "w", newline="") if args.csv else sys.stdout
     read = 0

@@ -344,9 +344,11 @@ def read_folder(folder: Path, task: Task, split: str, fractions: tuple[float, fl
     each class is cut in sorted-file-name order into contiguous blocks by ``fractions``, so
     neighbouring (often same-patient) images stay in one split.
     """
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder")
     if split in SPLITS and (folder / split).is_dir():
         folder, fractions, split = folder / split, (1.0, 0.0, 0.0), "train"
-    class_dirs = {d.name: d for d in folder.iterdir() if d.is_dir()} if folder.is_dir() else {}
+    class_dirs = {d.name: d for d in folder.iterdir() if d.is_dir()}
     unknown = set(class_dirs) - set(task.class_ids)
     if unknown:
         raise ValueError(f"{folder}: sub-folders {sorted(unknown)} are not classes of {task.id} "

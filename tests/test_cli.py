@@ -295,3 +295,12 @@ def test_models_reports_damaged_cards_and_the_default_in_effect(trained, monkeyp
 def test_evaluate_segmentation_names_a_split_without_masks(shared_data, capsys):
     assert main(["evaluate-segmentation", "--method", "classical", "--split", "tset", "--data", str(shared_data)]) == 2
     assert "no images with masks in split 'tset'" in capsys.readouterr().err
+
+
+def test_predict_with_the_simulated_fusion_model_says_its_clinical_branch_is_simulated(binary_folder, leuko_home,
+                                                                                      capsys):
+    crop = next((binary_folder / "test" / "ALL").iterdir())
+    assert main(["predict", "--task", "all_binary", "--model", "all_binary-fusion_lite0-simulated", str(crop)]) == 0
+    assert "SIMULATED blood counts" in capsys.readouterr().err
+    assert main(["predict", "--task", "all_binary", str(crop)]) == 0
+    assert "SIMULATED" not in capsys.readouterr().err

@@ -212,3 +212,8 @@ def test_colour_invariance_turns_some_training_crops_grey_and_jitters_hue():
 
     assert grey_share(False) == 0.0
     assert 0.05 < grey_share(True) < 0.45
+
+
+def test_a_missing_folder_is_named_as_missing(tmp_path):
+    with pytest.raises(ValueError, match="nope: no such folder"):
+        read_folder(tmp_path / "nope", get_task("all_binary"), "all")

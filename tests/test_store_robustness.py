@@ -228,6 +228,11 @@ def test_accounts_need_a_name_and_a_duplicate_is_a_clear_error(store):
         store.create_user("u" * 65, "long-enough", "analyst")
     with pytest.raises(StoreError, match="user 'rita' already exists"):
         store.create_user("rita", "long-enough", "analyst")
+    with pytest.raises(StoreError, match="user 'RITA' already exists as 'rita'"):
+        store.create_user("RITA", "long-enough", "analyst")
+    with pytest.raises(StoreError, match="begins or ends with a space"):
+        store.create_user(" bob ", "long-enough", "analyst")
+    assert store.role_of("RITA") is None and store.role_of(" bob ") is None
 
     def add_twice(session, _context, _instances) -> None:
         if any(isinstance(obj, User) and obj.username == "racer" for obj in session.new):

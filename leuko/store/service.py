@@ -223,6 +223,8 @@ class CaseStore:
         """Create a local account; the password is stored only as an argon2 hash."""
         if not (username and username.strip()):
             raise StoreError("an account needs a user name")
+        if username != username.strip():
+            raise StoreError(f"user name {username!r} begins or ends with a space; give it without")
         if len(username) > USERNAME_MAX_CHARS:
             raise StoreError(f"user names may have at most {USERNAME_MAX_CHARS} characters")
         if role not in ROLES:
@@ -231,8 +233,9 @@ class CaseStore:
             raise StoreError("passwords need at least 8 characters")
 
         def work(session: Session) -> None:
-            if session.scalar(select(User).where(User.username == username)):
-                raise StoreError(f"user {username!r} already exists")
+            taken = session.scalar(select(User.username).where(func.lower(User.username) == username.lower()))
+            if taken:
+                raise StoreError(f"user {username!r} already exists" + (f" as {taken!r}" if taken != username else ""))
             session.add(User(username=username, password_hash=self.hasher.hash(password), role=role))
             self._audit(session, actor, "create_user", "user", None, new={"username": username, "role": role})
 
