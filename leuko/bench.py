@@ -24,7 +24,7 @@ from leuko.analysis import AnalysisSettings, Analyzer
 from leuko.data import CentreView
 from leuko.device import pick_device
 from leuko.explain import Explainer
-from leuko.modelstore import ModelNotFoundError, ModelStore
+from leuko.modelstore import ModelNotFoundError
 from leuko.morphometrics import measure_cell
 from leuko.predict import Predictor
 from leuko.segment import (BACKGROUND, CYTOPLASM, NUCLEUS, LearnedSegmenter, keep_central_cell, make_segmenter,

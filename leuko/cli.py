@@ -9,11 +9,13 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from leuko.config import OPTIMIZERS, TrainConfig
 from leuko.images import ImageError, find_images, load_image
 from leuko.tasks import TASKS
+
+T = TypeVar("T")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -109,10 +111,26 @@ class _CellsOf:
         return [(index, cell.crop, cell.box) for index, cell in enumerate(cells, start=1)]
 
 
+def _read_each(paths: list[Path], prepare: Callable[[Path], T]) -> Iterator[tuple[Path, T | None, str | None]]:
+    """(path, prepare(path), None) for each path, or (path, None, why) when its image cannot be
+    read or prepared (:class:`leuko.images.ImageError`, :class:`leuko.segment.SegmentationError`);
+    the reason is also printed on standard error, so one bad file never ends a run."""
+    from leuko.segment import SegmentationError
+
+    for path in paths:
+        try:
+            prepared = prepare(path)
+        except (ImageError, SegmentationError) as exc:
+            reason = str(exc).removeprefix(f"{path}: ")
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+            yield path, None, reason
+        else:
+            yield path, prepared, None
+
+
 def _predict(args: argparse.Namespace) -> int:
     from leuko.images import IMAGE_SUFFIXES
     from leuko.predict import Predictor
-    from leuko.segment import SegmentationError
 
     paths = find_images(args.paths)
     if not paths:
@@ -147,18 +165,11 @@ def _predict(args: argparse.Namespace) -> int:
             flush()
             writer.writerow([str(path), *("",) * (3 + len(predictor.classes) + 5), reason])
 
-        for path in paths:
-            try:
-                cells = cells_of(path, load_image(path))
-                read += 1
-            except ImageError as exc:
-                print(f"skipped {exc}", file=sys.stderr)
-                unclassified(path, str(exc).removeprefix(f"{path}: "))
+        for path, cells, reason in _read_each(paths, lambda path: cells_of(path, load_image(path))):
+            if reason is not None:
+                unclassified(path, reason)
                 continue
-            except SegmentationError as exc:
-                print(f"skipped {path}: {exc}", file=sys.stderr)
-                unclassified(path, str(exc))
-                continue
+            read += 1
             if not cells:
                 unclassified(path, "no leukocyte found")
             batch += [(path, *cell) for cell in cells]
@@ -222,7 +233,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     from leuko.images import mark_output_folder
     from leuko.morphometrics import Morphometrics, measure_cell
-    from leuko.segment import SegmentationError, make_segmenter, segment_image
+    from leuko.segment import make_segmenter, segment_image
 
     paths = find_images(args.paths)
     if not paths:
@@ -233,15 +244,9 @@ def _segment(args: argparse.Namespace) -> int:
     table = out_dir / "morphometrics.csv"
     handle, writer, done, cells, used = None, None, 0, 0, set()
     try:
-        for path in paths:
-            try:
-                rgb = np.asarray(load_image(path))
-                result = segment_image(rgb, segment, kind=args.kind)
-            except ImageError as exc:
-                print(f"skipped {exc}", file=sys.stderr)
-                continue
-            except SegmentationError as exc:
-                print(f"skipped {path}: {exc}", file=sys.stderr)
+        for path, result, reason in _read_each(
+                paths, lambda path: segment_image(np.asarray(load_image(path)), segment, kind=args.kind)):
+            if reason is not None:
                 continue
             if writer is None:
                 if table.exists():
@@ -309,7 +314,6 @@ def _explain(args: argparse.Namespace) -> int:
     from leuko.explain import Explainer, overlay, save_png, side_by_side
     from leuko.images import mark_output_folder
     from leuko.predict import Predictor
-    from leuko.segment import SegmentationError
 
     paths = find_images(args.paths)
     if not paths:
@@ -320,14 +324,8 @@ def _explain(args: argparse.Namespace) -> int:
     out_dir = mark_output_folder(Path(args.out_dir))
     done, used = 0, set()
     with Explainer(predictor) as explainer:
-        for path in paths:
-            try:
-                cells = cells_of(path, load_image(path))
-            except ImageError as exc:
-                print(f"skipped {exc}", file=sys.stderr)
-                continue
-            except SegmentationError as exc:
-                print(f"skipped {path}: {exc}", file=sys.stderr)
+        for path, cells, reason in _read_each(paths, lambda path: cells_of(path, load_image(path))):
+            if reason is not None:
                 continue
             names = _unique_names(path.stem, ["_cam.png" if index is None else f"_cell{index}_cam.png"
                                               for index, _, _ in cells], used)

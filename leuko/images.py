@@ -48,7 +48,7 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
             if width * height > max_pixels:
                 raise ImageError(too_large.format(f"{width}x{height}"))
             image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(too_large.format(f"more than {Image.MAX_IMAGE_PIXELS / 1e6:.0f} million")) from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file, or a format that is not supported "

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from leuko import __version__
 from leuko.data import InputConfig, file_sha256
-from leuko.nets import LeukoNet, build_model
+from leuko.nets import build_model
 from leuko.nets.unet import UNET_ARCHS, build_unet
 from leuko.paths import SHIPPED_MODELS, user_models_dir
 from leuko.tasks import get_task
