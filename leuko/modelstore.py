@@ -28,7 +28,7 @@ from leuko.data import InputConfig, file_sha256
 from leuko.nets import build_model
 from leuko.nets.unet import UNET_ARCHS, build_unet
 from leuko.paths import SHIPPED_MODELS, user_models_dir
-from leuko.tasks import get_task
+from leuko.tasks import TASKS, get_task
 
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 DEFAULTS_FILE = "defaults.json"
@@ -148,10 +148,12 @@ class ModelStore:
                 except (OSError, ValueError, TypeError, AttributeError) as exc:
                     yield path, None, f"the card cannot be read ({exc})"
                     continue
-                if card.id == path.stem:
-                    yield path, card, None
-                else:
+                if card.id != path.stem:
                     yield path, None, f"the card names model {card.id!r}, not {path.stem!r}"
+                elif card.task not in TASKS and card.task != SEGMENTATION_TASK:
+                    yield path, None, f"the card is for an unknown task {card.task!r}"
+                else:
+                    yield path, card, None
 
     def cards(self, task: str | None = None) -> list[ModelCard]:
         """All readable cards (first store wins on duplicate ids), newest first."""
@@ -164,7 +166,7 @@ class ModelStore:
 
     def unreadable_cards(self) -> list[tuple[Path, str]]:
         """Card files that :meth:`cards` leaves out, with why: not JSON, fields missing or of
-        the wrong type, or an id other than the file's name."""
+        the wrong type, an id other than the file's name, or a task this version does not know."""
         return [(path, why) for path, card, why in self._card_files() if card is None]
 
     def locate(self, model_id: str) -> tuple[ModelCard, Path]:
@@ -202,8 +204,9 @@ class ModelStore:
         return (marked or cards)[0].id
 
     def set_default(self, task: str, model_id: str) -> None:
-        """Make ``model_id`` the default for ``task`` in the first (user) store."""
-        card, _ = self.locate(model_id)
+        """Make ``model_id`` the default for ``task`` in the first (user) store. A model whose
+        weights fail their check (:meth:`verify`) is refused: no one could analyse with it."""
+        card = self.verify(model_id)
         if card.task != task:
             raise ValueError(f"model {model_id!r} is for task {card.task!r}, not {task!r}")
         choice_file = self.folders[0] / DEFAULTS_FILE

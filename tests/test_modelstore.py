@@ -76,7 +76,17 @@ def test_invalid_ids_and_unreadable_cards(tmp_path):
     with pytest.raises(ValueError, match="model id"):
         _save(store, "../escape")
     (tmp_path / "broken.json").write_text("{not json")
-    assert store.cards() == []
+    (tmp_path / "listed.json").write_text("[1, 2]")
+    _save(store, "kept")
+    future = json.loads((tmp_path / "kept.json").read_text())
+    (tmp_path / "future.json").write_text(json.dumps({**future, "id": "future", "task": "aml_subtype"}))
+    (tmp_path / "renamed.json").write_text(json.dumps(future))
+    assert [c.id for c in store.cards()] == ["kept"] and store.status()[0].card.id == "kept"
+    reasons = {path.name: why for path, why in store.unreadable_cards()}
+    assert sorted(reasons) == ["broken.json", "future.json", "listed.json", "renamed.json"]
+    assert reasons["future.json"] == "the card is for an unknown task 'aml_subtype'"
+    assert reasons["renamed.json"] == "the card names model 'kept', not 'renamed'"
+    assert reasons["broken.json"].startswith("the card cannot be read")
     with pytest.raises(ModelIntegrityError, match="unreadable"):
         store.load("broken")
 

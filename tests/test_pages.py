@@ -209,7 +209,39 @@ def test_models_page_shows_cards_and_changes_the_default(leuko_home, accounts):
     assert chooser is not None
     other = next(o for o in chooser.options if o != chooser.value)
     chooser.set_value(other).run()
-    assert ModelStore().default_id("all_binary") == other
+    assert ModelStore().default_id("all_binary") == other and "is now the default" in app.success[0].value
+
+
+def test_an_open_models_page_follows_a_default_changed_elsewhere_instead_of_writing_it_back(leuko_home, accounts):
+    app = page("4_Models.py", accounts["rita"])
+    store = ModelStore()
+    first = store.default_id("wbc_type")
+    elsewhere = next(c.id for c in store.cards("wbc_type") if c.id != first)
+    store.set_default("wbc_type", elsewhere)
+    app.run()
+    assert not app.success and store.default_id("wbc_type") == elsewhere
+    assert next(s for s in app.selectbox if s.label == "Default for wbc_type").value == elsewhere
+    next(s for s in app.selectbox if s.label == "Default for all_binary").set_value(
+        next(c.id for c in store.cards("all_binary") if c.id != store.default_id("all_binary"))).run()
+    assert store.default_id("wbc_type") == elsewhere
+
+
+def test_a_model_whose_weights_fail_their_check_cannot_become_the_default(leuko_home, accounts):
+    store = ModelStore()
+    shipped = REPO_ROOT / "models"
+    card = json.loads((shipped / "wbc_type-seed004_squeezenet.json").read_text())
+    card["id"] = "wbc_type-tampered"
+    store.folders[0].mkdir(parents=True, exist_ok=True)
+    (store.folders[0] / "wbc_type-tampered.json").write_text(json.dumps(card))
+    weights = bytearray((shipped / "wbc_type-seed004_squeezenet.safetensors").read_bytes())
+    weights[-1] ^= 0xFF
+    (store.folders[0] / "wbc_type-tampered.safetensors").write_bytes(bytes(weights))
+    before = store.default_id("wbc_type")
+    app = page("4_Models.py", accounts["rita"])
+    next(s for s in app.selectbox if s.label == "Default for wbc_type").set_value("wbc_type-tampered").run()
+    assert "was not made the default" in app.error[0].value and "does not match its card" in app.error[0].value
+    assert store.default_id("wbc_type") == before
+    assert next(s for s in app.selectbox if s.label == "Default for wbc_type").value == before
 
 
 def test_train_page_starts_a_background_job(leuko_home, accounts, binary_folder):
@@ -262,3 +294,18 @@ def test_the_analyze_page_loads_another_segmenter_when_the_segmentation_default_
     assert load_analyzer(AnalysisSettings("all_binary", None, "cpu", "classical")).segment \
         is classical_segment
     analyzer_for.clear()
+
+
+def test_a_damaged_or_unknown_task_card_is_listed_as_refused_not_crashing_the_pages(leuko_home, accounts):
+    folder = ModelStore().folders[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "garbage.json").write_text("{not json")
+    card = json.loads((REPO_ROOT / "models" / "wbc_type-lite0.json").read_text())
+    (folder / "aml-model.json").write_text(json.dumps({**card, "id": "aml-model", "task": "aml_subtype"}))
+    for name in ("0_Home.py", "4_Models.py"):
+        app = page(name, accounts["rita"])
+        assert not app.exception, name
+        table = app.dataframe[0].value
+        refused = dict(zip(table["model"], table["integrity"]))
+        assert refused["garbage.json"].startswith("refused: the card cannot be read")
+        assert refused["aml-model.json"] == "refused: the card is for an unknown task 'aml_subtype'"

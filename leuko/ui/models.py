@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from leuko.jobs import find_report
-from leuko.modelstore import ModelCard, ModelStore
+from leuko.modelstore import ModelCard, ModelIntegrityError, ModelNotFoundError, ModelStore
 from leuko.store.service import SIGNING_ROLES
 from leuko.tasks import TASKS
 from leuko.ui.charts import confusion_heatmap
@@ -56,19 +56,33 @@ def may_change_default(user: dict | None) -> bool:
     return user is not None and user.get("role") in SIGNING_ROLES
 
 
+def _choose_default(store: ModelStore, task: str, key: str) -> None:
+    """The chooser's ``on_change``: write the model the user picked as the task's default."""
+    chosen = st.session_state[key]
+    try:
+        store.set_default(task, chosen)
+    except (ValueError, ModelIntegrityError, ModelNotFoundError) as exc:
+        st.session_state["default_outcome"] = ("error", f"{chosen} was not made the default: {exc}")
+    else:
+        st.session_state["default_outcome"] = ("success", f"{chosen} is now the default for {task}.")
+
+
 def default_chooser(store: ModelStore, user: dict | None) -> None:
     """Per task, choose the model the Analyze page and the CLI use by default; read-only
-    unless ``user`` may change it (:func:`may_change_default`)."""
+    unless ``user`` may change it (:func:`may_change_default`). Each chooser shows the default
+    in effect on every rerun (another user may have changed it) and writes only when this
+    user picks a model."""
     allowed = may_change_default(user)
     if not allowed:
         st.caption("Sign in (sidebar) as a reviewer or admin to change the default models.")
+    outcome = st.session_state.pop("default_outcome", None)
+    if outcome:
+        (st.success if outcome[0] == "success" else st.error)(outcome[1])
     for task in [*TASKS, "segmentation"]:
         ids = [c.id for c in store.cards(task)]
         if len(ids) < 2:
             continue
-        current = store.default_id(task)
-        chosen = st.selectbox(f"Default for {task}", ids, index=ids.index(current), key=f"default_{task}",
-                              disabled=not allowed)
-        if allowed and chosen != current:
-            store.set_default(task, chosen)
-            st.success(f"{chosen} is now the default for {task}.")
+        key = f"default_{task}"
+        st.session_state[key] = store.default_id(task)
+        st.selectbox(f"Default for {task}", ids, key=key, disabled=not allowed, on_change=_choose_default,
+                     args=(store, task, key))

@@ -33,9 +33,11 @@ def database_summary() -> str:
 
 
 def model_status_table(store: ModelStore | None = None) -> pd.DataFrame:
-    """One row per installed model: task, architecture, test accuracy, integrity, default."""
-    rows = []
-    for entry in (store or ModelStore()).status():
+    """One row per installed model (task, architecture, test accuracy, integrity, default), and
+    one per card file that cannot be read, so a damaged card is seen instead of missing."""
+    store = store or ModelStore()
+    rows = [{"model": path.name, "integrity": f"refused: {why}"} for path, why in store.unreadable_cards()]
+    for entry in store.status():
         card = entry.card
         test = card.metrics.get("test") if isinstance(card.metrics.get("test"), dict) else {}
         rows.append({"model": card.id, "task": card.task, "architecture": card.arch,
