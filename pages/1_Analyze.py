@@ -4,8 +4,8 @@ explanations, segmentation and morphometrics, and save them as a case."""
 import streamlit as st
 
 from leuko.tasks import get_task
-from leuko.ui.analyze import (cbc_form, image_inputs, load_analyzer, model_summary, run_analyses, save_section,
-                              settings_sidebar, show_analysis)
+from leuko.ui.analyze import (cbc_form, image_inputs, inputs_signature, load_analyzer, model_summary, run_analyses,
+                              save_section, settings_sidebar, show_analysis)
 from leuko.ui.auth import login_section
 
 login_section()
@@ -17,8 +17,9 @@ if analyzer is not None:
     model_summary(analyzer)
 clinical, clinical_error = cbc_form()
 items = image_inputs(settings.task)
+signature = inputs_signature(settings, options, items, clinical, clinical_error)
 if st.button("Analyze", type="primary", disabled=not items or clinical_error is not None or analyzer is None):
-    run_analyses(analyzer, options, items, clinical)
+    run_analyses(analyzer, options, items, clinical, signature)
 for message in st.session_state.get("analysis_errors", []):
     st.error(f"Not analysed: {message}")
 analyses = st.session_state.get("analyses", [])
@@ -27,4 +28,4 @@ if analyses:
 for number, (analysis, _) in enumerate(analyses):
     show_analysis(analysis, str(number))
 if analyses:
-    save_section()
+    save_section(signature)

@@ -309,3 +309,39 @@ def test_a_damaged_or_unknown_task_card_is_listed_as_refused_not_crashing_the_pa
         refused = dict(zip(table["model"], table["integrity"]))
         assert refused["garbage.json"].startswith("refused: the card cannot be read")
         assert refused["aml-model.json"] == "refused: the card is for an unknown task 'aml_subtype'"
+
+
+def _save_button(app: AppTest):
+    return next((b for b in app.button if b.label == "Save as case"), None)
+
+
+def test_results_of_earlier_inputs_are_not_saved_after_the_blood_count_task_or_images_change(leuko_home, examples,
+                                                                                            accounts):
+    app = analyse_examples(page("1_Analyze.py", accounts["ann"]), ["examples: 000.png (ALL)"])
+    assert _save_button(app) is not None
+    def number(label: str):
+        return next(n for n in app.number_input if n.label == label)
+
+    number("WBC").set_value(15.0).run()
+    assert _save_button(app) is None and any("changed since these results" in w.value for w in app.warning)
+    number("WBC").set_value(None).run()
+    assert _save_button(app) is not None
+    number("Hemoglobin").set_value(80.0).run()
+    assert _save_button(app) is None
+    number("Hemoglobin").set_value(None).run()
+    app.multiselect[0].set_value(["examples: 000.png (normal)"]).run()
+    assert _save_button(app) is None
+    app.button[0].click().run()
+    assert _save_button(app) is not None
+    app.sidebar.selectbox[0].set_value("wbc_type").run()
+    assert _save_button(app) is None
+
+
+def test_signing_out_forgets_the_analyses_and_automatic_references_do_not_collide(leuko_home, examples, accounts):
+    from leuko.ui.analyze import new_reference
+
+    app = analyse_examples(page("1_Analyze.py", accounts["ann"]), ["examples: 000.png (ALL)"])
+    assert app.session_state["analyses"]
+    next(b for b in app.sidebar.button if b.label == "Sign out").click().run()
+    assert "analyses" not in app.session_state and _save_button(app) is None
+    assert len({new_reference() for _ in range(50)}) == 50

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
 from dataclasses import dataclass, fields
 from datetime import datetime
 from time import perf_counter
@@ -158,9 +160,23 @@ def model_summary(analyzer: Analyzer) -> None:
                    f"are marked needs-review.{seen}")
 
 
+def inputs_signature(settings: AnalysisSettings, options: RunOptions, items: list[tuple[str, bytes]],
+                     clinical: ClinicalValues | None, clinical_error: str | None) -> str:
+    """A digest of everything a run's results depend on: task, model, device, segmenter, CAM
+    method, image kind, pixel size, blood count (or the message refusing it) and the images.
+    Results whose signature differs from the page's current one are stale and are not saved."""
+    digest = hashlib.sha256(repr((settings, options.cam_method, options.kind, options.pixel_size_um,
+                                  clinical, clinical_error)).encode())
+    for name, data in items:
+        digest.update(name.encode())
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
 def run_analyses(analyzer: Analyzer, options: RunOptions, items: list[tuple[str, bytes]],
-                 clinical: ClinicalValues | None) -> None:
-    """Analyse every image with a progress bar; results and per-file errors go to the session."""
+                 clinical: ClinicalValues | None, signature: str) -> None:
+    """Analyse every image with a progress bar; results, per-file errors and the inputs'
+    ``signature`` (:func:`inputs_signature`) go to the session."""
     results, errors = [], []
     started = perf_counter()
     bar = st.progress(0.0, text="Analysing...")
@@ -179,12 +195,13 @@ def run_analyses(analyzer: Analyzer, options: RunOptions, items: list[tuple[str,
     st.session_state["analyses"] = results
     st.session_state["analysis_errors"] = errors
     st.session_state["analysis_clinical"] = clinical
+    st.session_state["analysis_signature"] = signature
     run = st.session_state.get("analysis_run", (0, ""))[0] + 1
     st.session_state["analysis_run"] = (run, f"Run {run}: {len(results)} image(s) analysed in "
                                              f"{perf_counter() - started:.2f} s ({analyzer.runtime}).")
     st.session_state.pop("saved_case", None)
     if options.auto_save and results:
-        save_case(f"CASE-{datetime.now():%Y%m%d-%H%M%S}", "")
+        save_case(new_reference(), "")
 
 
 def show_analysis(analysis: ImageAnalysis, key: str) -> None:
@@ -226,6 +243,12 @@ def show_analysis(analysis: ImageAnalysis, key: str) -> None:
     st.info(analysis.summary())
 
 
+def new_reference() -> str:
+    """A case reference from the time and four random hex digits, so two saves in the same
+    second (two users, or automatic saving) do not collide."""
+    return f"CASE-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
 def save_case(reference: str, notes: str) -> None:
     """Log the session's analyses as one case under the signed-in user; on failure the
     analyses stay in the session so saving can be retried."""
@@ -246,14 +269,19 @@ def save_case(reference: str, notes: str) -> None:
     st.session_state.pop("suggested_reference", None)
 
 
-def save_section() -> None:
-    """The save form, or the saved case's reference."""
+def save_section(signature: str) -> None:
+    """The save form, or the saved case's reference; no form while the results are stale
+    (the task, model, settings, blood count or images changed since they were computed)."""
     saved = st.session_state.get("saved_case")
     if saved:
         st.success(f"Saved as case {saved[1]} (id {saved[0]}). Review it on the Cases page.")
         return
+    if st.session_state.get("analysis_signature") != signature:
+        st.warning("The task, model, settings, blood count or images changed since these results were computed: "
+                   "they describe the earlier inputs. Analyse again to save a case.")
+        return
     with st.form("save_case"):
-        suggested = st.session_state.setdefault("suggested_reference", f"CASE-{datetime.now():%Y%m%d-%H%M%S}")
+        suggested = st.session_state.setdefault("suggested_reference", new_reference())
         reference = st.text_input("Case reference (pseudonymous; never a patient name)", value=suggested,
                                   max_chars=REFERENCE_MAX_CHARS)
         notes = st.text_area("Notes")

@@ -35,13 +35,15 @@ def current_user() -> dict | None:
 
 
 def login_section() -> None:
-    """Sidebar sign-in form, or the signed-in user with a sign-out button."""
+    """Sidebar sign-in form, or the signed-in user with a sign-out button. Signing out forgets
+    the whole session (results, blood counts, choices), so the next person at the workstation
+    cannot save the previous one's analyses under their own name."""
     with st.sidebar:
         user = current_user()
         if user:
             st.markdown(f"Signed in as **{user['name']}** ({user['role']})")
             if st.button("Sign out"):
-                st.session_state.pop("user")
+                st.session_state.clear()
                 st.rerun()
             return
         with st.form("login"):
