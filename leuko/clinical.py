@@ -29,6 +29,7 @@ class ClinicalValueError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message
 
 
 @dataclass
@@ -74,10 +75,16 @@ POSSIBLE = {"age": (0.0, 120.0), "wbc": (0.0, 1000.0), "rbc": (0.0, 10.0), "hemo
 """Physiologically possible limits: values outside are data-entry errors, not disease
 (a WBC of several hundred x10^9/L does occur in hyperleukocytic leukemia)."""
 
-UNIT_SLIP_BELOW = {"wbc": 0.01, "platelets": 1.0}
-"""Counts (x10^9/L) that analysers report as 0 or from these values up: a value above 0 and
-below is a count typed in x10^3/uL under the unit /uL (WBC 5.2 becoming 0.0052), refused
-rather than flagged as a cytopenia."""
+UNIT_SLIP_BELOW = {"wbc": 0.01, "platelets": 1.0, "lymphocytes_abs": 0.01, "neutrophils_abs": 0.01, "rbc": 0.1,
+                   "hematocrit": 5.0}
+"""Values that analysers report as 0 or from these up, in the schema's units: a value above 0
+and below is a unit slip, refused rather than flagged as a cytopenia: a count in x10^3/uL
+typed under the unit /uL (WBC 5.2 becoming 0.0052 x10^9/L; RBC 4.5 in x10^6/uL becoming
+0.0000045 x10^12/L), or a haematocrit given as a fraction (0.45) under the unit %."""
+
+UNIT_HINTS = {"hematocrit": " (check the unit: a fraction such as 0.45 is 45%, or choose L/L)"}
+"""Hints for a value refused as a unit slip, where the general one about counts per
+microlitre does not apply."""
 
 CONVERSIONS: dict[str, dict[str, float]] = {
     "hemoglobin": {"g/dL": 1.0, "g/L": 0.1, "mmol/L": 1.611},
@@ -128,8 +135,9 @@ def validate(values: ClinicalValues) -> ClinicalValues:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ClinicalValueError(item.name, f"{value!r} is not a number")
         low, high = POSSIBLE[item.name]
-        hint = (" (check the unit: a count per microlitre and one in thousands per microlitre differ 1000-fold)"
-                if "/uL" in CONVERSIONS.get(item.name, {}) else "")
+        hint = UNIT_HINTS.get(item.name, " (check the unit: a count per microlitre and one in thousands or "
+                                          "millions per microlitre differ 1000-fold or more)"
+                              if "/uL" in CONVERSIONS.get(item.name, {}) else "")
         if not math.isfinite(value) or not low <= value <= high:
             raise ClinicalValueError(item.name, f"{value:g} {UNITS[item.name]} is impossible; accepted range is "
                                                 f"{low:g}-{high:g} {UNITS[item.name]}{hint}")

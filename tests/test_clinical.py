@@ -121,13 +121,23 @@ def test_no_input_crashes_validation(values, sex):
                    if k != "sex")
 
 
-@pytest.mark.parametrize("field, value, unit", [("wbc", 5.2, "/uL"), ("platelets", 150.0, "/uL")])
-def test_a_count_typed_in_the_wrong_unit_is_refused_with_a_hint(field, value, unit):
+@pytest.mark.parametrize("field, value, unit, right_unit", [
+    ("wbc", 5.2, "/uL", "x10^3/uL"), ("platelets", 150.0, "/uL", "x10^3/uL"),
+    ("neutrophils_abs", 2.5, "/uL", "x10^3/uL"), ("lymphocytes_abs", 1.8, "/uL", "x10^3/uL"),
+    ("rbc", 4.5, "/uL", "x10^6/uL"), ("hematocrit", 0.45, "%", "L/L")])
+def test_a_count_typed_in_the_wrong_unit_is_refused_with_a_hint(field, value, unit, right_unit):
     """WBC 5.2 under /uL is 0.0052 x10^9/L, below any living patient's count: refused with a
     hint about the unit instead of being flagged as leukopenia."""
     with pytest.raises(ClinicalValueError, match="below any reported count.*check the unit"):
         validate(ClinicalValues(**{field: convert(field, value, unit)}))
     assert validate(ClinicalValues(**{field: 0.0})).present() == {field: 0.0}
+    assert validate(ClinicalValues(**{field: convert(field, value, right_unit)}))
+
+
+def test_a_haematocrit_given_as_a_fraction_is_refused_with_its_own_hint():
+    with pytest.raises(ClinicalValueError, match=r"0.45 is 45%, or choose L/L") as refused:
+        validate(ClinicalValues(hematocrit=0.45))
+    assert refused.value.reason.startswith("0.45 % is below any reported count")
 
 
 def test_a_stored_count_gives_its_flags_or_why_it_could_not_be_checked():

@@ -106,7 +106,7 @@ def cbc_form() -> tuple[ClinicalValues | None, str | None]:
         try:
             values = validate(ClinicalValues(**entered))
         except ClinicalValueError as exc:
-            st.error(f"{LABELS.get(exc.field, exc.field)}: {exc}")
+            st.error(f"{LABELS.get(exc.field, exc.field)}: {exc.reason}")
             return None, str(exc)
         st.caption("Values accepted.")
         return values, None
