@@ -6,6 +6,7 @@ import streamlit as st
 from leuko.tasks import get_task
 from leuko.ui.analyze import (cbc_form, image_inputs, inputs_signature, load_analyzer, model_summary, run_analyses,
                               save_section, settings_sidebar, show_analysis)
+from leuko.ui import plain
 from leuko.ui.auth import login_section
 
 login_section()
@@ -21,7 +22,7 @@ signature = inputs_signature(settings, options, items, clinical, clinical_error)
 if st.button("Analyze", type="primary", disabled=not items or clinical_error is not None or analyzer is None):
     run_analyses(analyzer, options, items, clinical, signature)
 for message in st.session_state.get("analysis_errors", []):
-    st.error(f"Not analysed: {message}")
+    st.error(f"Not analysed: {plain(message)}")
 analyses = st.session_state.get("analyses", [])
 if analyses:
     st.caption(st.session_state["analysis_run"][1])

@@ -345,3 +345,19 @@ def test_signing_out_forgets_the_analyses_and_automatic_references_do_not_collid
     next(b for b in app.sidebar.button if b.label == "Sign out").click().run()
     assert "analyses" not in app.session_state and _save_button(app) is None
     assert len({new_reference() for _ in range(50)}) == 50
+
+
+def test_user_text_is_shown_as_typed_not_as_markdown(leuko_home, accounts):
+    from leuko.ui import plain
+
+    notes = "See ![t](https://example.invalid/track.png) and :red[urgent] $x^2$ **bold** #1 \\ 3-4"
+    store = CaseStore(home=leuko_home)
+    prediction = PredictionEntry("m", "0" * 64, "all_binary", {"ALL": 0.9, "normal": 0.1}, "ALL", 0.9, False, 5.0)
+    store.save_case("REF_[x](y)", "ann", [ImageEntry(png_bytes(stained_cell()), "**x** [a](javascript:z).png", 160, 160,
+                                                  "crop", prediction)], notes=notes)
+    store.close()
+    app = page("2_Cases.py", accounts["rita"])
+    shown = [m.value for m in app.markdown] + [h.value for h in app.subheader]
+    assert f"Notes: {plain(notes)}" in shown and "Case REF\\_\\[x\\]\\(y\\): new" in shown
+    assert any(m.startswith("#### \\*\\*x\\*\\* \\[a\\]\\(javascript\\:z\\)\\.png") for m in shown)
+    assert "![" not in " ".join(shown)

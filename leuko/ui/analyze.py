@@ -22,6 +22,7 @@ from leuko.modelstore import ModelIntegrityError, ModelNotFoundError, ModelStore
 from leuko.segment import chosen_segmenter
 from leuko.store import REFERENCE_MAX_CHARS, StoreError, StoreUnavailableError
 from leuko.tasks import TASKS
+from leuko.ui import plain
 from leuko.ui.auth import case_store, current_user
 from leuko.ui.charts import probability_bars, recall_bars
 
@@ -206,7 +207,7 @@ def run_analyses(analyzer: Analyzer, options: RunOptions, items: list[tuple[str,
 
 def show_analysis(analysis: ImageAnalysis, key: str) -> None:
     """One image's result: label, badge, probabilities, overlays, morphometrics, summary."""
-    st.subheader(analysis.name)
+    st.subheader(plain(analysis.name))
     if not analysis.cells:
         st.warning(analysis.summary())
         return

@@ -10,6 +10,7 @@ import streamlit as st
 
 from leuko.paths import leuko_home
 from leuko.store import CaseStore, PermissionDenied, StoreUnavailableError
+from leuko.ui import plain
 
 SESSION_SECONDS = 8 * 3600
 """A sign-in lasts one working shift; after that the user signs in again."""
@@ -41,7 +42,7 @@ def login_section() -> None:
     with st.sidebar:
         user = current_user()
         if user:
-            st.markdown(f"Signed in as **{user['name']}** ({user['role']})")
+            st.markdown(f"Signed in as **{plain(user['name'])}** ({user['role']})")
             if st.button("Sign out"):
                 st.session_state.clear()
                 st.rerun()

@@ -15,6 +15,7 @@ from leuko.store import NO_LEUKOCYTE, CaseFilter, CaseStore, PermissionDenied, S
 from leuko.store.export import case_pdf, cases_csv
 from leuko.store.models import ImageRecord
 from leuko.tasks import TASKS, get_task
+from leuko.ui import plain
 from leuko.ui.charts import confusion_heatmap
 
 PAGE_SIZE = 25
@@ -96,7 +97,7 @@ def review_image(store: CaseStore, image: ImageRecord, user: dict, locked: bool)
     controls: one choice for a crop, a gallery by predicted class for a field's cells."""
     finals = _final_labels(image)
     predictions = {p.cell_id: p for p in image.predictions}
-    st.markdown(f"#### {image.original_name} ({image.kind}, {image.width}x{image.height})")
+    st.markdown(f"#### {plain(image.original_name)} ({image.kind}, {image.width}x{image.height})")
     whole = predictions.get(None)
     pictures = [_image_bytes(store, image.stored_path)]
     captions = ["Original"]
@@ -190,7 +191,7 @@ def _review_form(store: CaseStore, image: ImageRecord, items: list[tuple[int | N
             undecided = sum(label is None for label in chosen.values())
             if undecided:
                 st.session_state[f"review_notice_{image.id}"] = (
-                    f"{undecided} flagged item(s) of {image.original_name} still need a label chosen by you.")
+                    f"{undecided} flagged item(s) of {plain(image.original_name)} still need a label chosen by you.")
             changes = {c: label for c, label in chosen.items() if label is not None and label != finals[c]}
             if comment and not changes:
                 changes = {c: label for c, label in chosen.items() if label is not None}
@@ -205,12 +206,12 @@ def case_detail(store: CaseStore, case_id: int, user: dict) -> None:
     PDF export and the audit trail."""
     case = store.case(case_id)
     signed = case.sign_off is not None
-    st.subheader(f"Case {case.reference}: {case.status}")
-    st.caption(f"Created by {case.created_by} at {case.created_at:%Y-%m-%d %H:%M} UTC"
-               + (f"; signed by {case.sign_off.signed_by} at {case.sign_off.signed_at:%Y-%m-%d %H:%M} UTC"
+    st.subheader(f"Case {plain(case.reference)}: {case.status}")
+    st.caption(f"Created by {plain(case.created_by)} at {case.created_at:%Y-%m-%d %H:%M} UTC"
+               + (f"; signed by {plain(case.sign_off.signed_by)} at {case.sign_off.signed_at:%Y-%m-%d %H:%M} UTC"
                   if signed else ""))
     if case.notes:
-        st.markdown(f"Notes: {case.notes}")
+        st.markdown(f"Notes: {plain(case.notes)}")
     if case.clinical:
         values = ClinicalValues(**case.clinical)
         st.dataframe(pd.DataFrame([{f"{LABELS.get(k, k)} ({UNITS[k]})" if k in UNITS else LABELS.get(k, k): v
