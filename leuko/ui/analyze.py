@@ -245,9 +245,9 @@ def show_analysis(analysis: ImageAnalysis, key: str) -> None:
 
 
 def new_reference() -> str:
-    """A case reference from the time and four random hex digits, so two saves in the same
+    """A case reference from the time and six random hex digits, so two saves in the same
     second (two users, or automatic saving) do not collide."""
-    return f"CASE-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    return f"CASE-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 def save_case(reference: str, notes: str) -> None:
