@@ -23,7 +23,7 @@ from leuko.explain import Explainer, draw_mask_outlines, energy_inside, overlay
 from leuko.images import ImageError, ImageInput, load_image, load_mask
 from leuko.morphometrics import measure_cell, shape_measures
 from leuko.predict import BATCH_SIZE, Prediction, Predictor
-from leuko.segment import Cell, SegmentationError, make_segmenter, segment_image
+from leuko.segment import Cell, SegmentationError, crop_problem, make_segmenter, segment_image
 from leuko.store import CellEntry, ImageEntry, PredictionEntry
 from leuko.tasks import Task
 
@@ -318,6 +318,9 @@ class Analyzer:
         except SegmentationError as exc:
             raise ImageError(str(exc)) from exc
         if segmented.kind == "crop" and not segmented.cells:
+            problem = crop_problem(rgb)
+            if problem:
+                raise ImageError(f"{name}: {problem}")
             segmented.cells = [Cell((0, 0, rgb.shape[1], rgb.shape[0]), rgb, segmented.mask, False)]
         crops = [c.crop for c in segmented.cells]
         predictions, cams = self._classify_and_explain(crops, clinical, class_id, method)

@@ -67,8 +67,11 @@ def test_an_analysis_saves_as_a_case_with_every_cell(analyzer, leuko_home):
     store.close()
 
 
-def test_blank_crop_is_still_classified_but_not_measured(analyzer):
-    result = analyzer.analyze(np.full((120, 120, 3), 230, np.uint8), "blank.png")
+def test_a_blank_crop_is_refused_and_one_without_an_outline_is_classified_for_review(analyzer):
+    with pytest.raises(ImageError, match="blank.png: the image is blank"):
+        analyzer.analyze(np.full((120, 120, 3), 230, np.uint8), "blank.png")
+    smear = np.clip(np.random.default_rng(0).normal((236, 214, 220), 12, (120, 120, 3)), 0, 255).astype(np.uint8)
+    result = analyzer.analyze(smear, "no-outline.png")
     assert len(result.cells) == 1 and result.cells[0].morphometrics is None
     assert result.cells[0].prediction.needs_review and result.needs_review
     assert "no cell outline" in result.summary() and "marked for review" in result.summary()
