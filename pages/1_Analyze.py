@@ -18,7 +18,7 @@ if analyzer is not None:
     model_summary(analyzer)
 clinical, clinical_error = cbc_form()
 items = image_inputs(settings.task)
-signature = inputs_signature(settings, options, items, clinical, clinical_error)
+signature = inputs_signature(analyzer, settings, options, items, clinical, clinical_error)
 if st.button("Analyze", type="primary", disabled=not items or clinical_error is not None or analyzer is None):
     run_analyses(analyzer, options, items, clinical, signature)
 for message in st.session_state.get("analysis_errors", []):

@@ -67,6 +67,15 @@ def test_an_analysis_saves_as_a_case_with_every_cell(analyzer, leuko_home):
     store.close()
 
 
+def test_the_analyzer_names_the_weights_its_results_depend_on(analyzer):
+    from leuko.modelstore import ModelStore
+
+    assert analyzer.weights == f"{analyzer.predictor.card.weights_sha256}:classical"
+    with Analyzer(AnalysisSettings("all_binary", segmenter="learned", backend="torch")) as learned:
+        unet = ModelStore().locate(ModelStore().default_id("segmentation"))[0]
+        assert learned.weights == f"{learned.predictor.card.weights_sha256}:{unet.weights_sha256}"
+
+
 def test_a_blank_crop_is_refused_and_one_without_an_outline_is_classified_for_review(analyzer):
     with pytest.raises(ImageError, match="blank.png: the image is blank"):
         analyzer.analyze(np.full((120, 120, 3), 230, np.uint8), "blank.png")

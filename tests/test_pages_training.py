@@ -15,7 +15,7 @@ from leuko.metrics import reliability_curve, roc_pr_curves
 from leuko.modelstore import ModelStore
 from leuko.progress import ProgressEvent
 from leuko.store import CaseStore
-from tests.test_pages import page
+from tests.test_pages import as_read, page
 from tests.test_store import crop
 
 REVIEWER = {"name": "rita", "role": "reviewer"}
@@ -113,7 +113,7 @@ def test_a_taken_model_id_is_refused_and_a_same_task_one_replaced_only_when_tick
     app = _folder_source(page("3_Train.py", REVIEWER), binary_folder)
     model_id = next(t for t in app.text_input if t.label == "Model id (empty: generated)")
     model_id.set_value("wbc_type-lite0").run()
-    assert "another task (wbc_type)" in app.error[0].value and _start_button(app).disabled
+    assert "another task (wbc_type)" in as_read(app.error[0].value) and _start_button(app).disabled
     next(t for t in app.text_input if t.label == "Model id (empty: generated)").set_value("all_binary-lite0").run()
     assert not app.error and _start_button(app).disabled
     next(c for c in app.checkbox if c.label.startswith("Replace the existing model all_binary-lite0")).check().run()

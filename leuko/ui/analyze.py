@@ -161,13 +161,14 @@ def model_summary(analyzer: Analyzer) -> None:
                    f"are marked needs-review.{seen}")
 
 
-def inputs_signature(settings: AnalysisSettings, options: RunOptions, items: list[tuple[str, bytes]],
-                     clinical: ClinicalValues | None, clinical_error: str | None) -> str:
-    """A digest of everything a run's results depend on: task, model, device, segmenter, CAM
-    method, image kind, pixel size, blood count (or the message refusing it) and the images.
-    Results whose signature differs from the page's current one are stale and are not saved."""
-    digest = hashlib.sha256(repr((settings, options.cam_method, options.kind, options.pixel_size_um,
-                                  clinical, clinical_error)).encode())
+def inputs_signature(analyzer: Analyzer | None, settings: AnalysisSettings, options: RunOptions,
+                     items: list[tuple[str, bytes]], clinical: ClinicalValues | None, clinical_error: str | None) -> str:
+    """A digest of everything a run's results depend on: the models' weights, task, device,
+    segmenter, CAM method, image kind, pixel size, blood count (or the message refusing it)
+    and the images. Results whose signature differs from the page's current one are stale and
+    are not saved."""
+    digest = hashlib.sha256(repr((analyzer.weights if analyzer else None, settings, options.cam_method, options.kind,
+                                  options.pixel_size_um, clinical, clinical_error)).encode())
     for name, data in items:
         digest.update(name.encode())
         digest.update(hashlib.sha256(data).digest())
@@ -264,7 +265,7 @@ def save_case(reference: str, notes: str) -> None:
         case_id = case_store().save_case(reference, user["name"], entries, notes,
                                          clinical.present() if clinical else None)
     except (StoreError, StoreUnavailableError) as exc:
-        st.error(f"The case was not saved: {exc}. Your results are kept; try again.")
+        st.error(f"The case was not saved: {plain(exc)}. Your results are kept; try again.")
         return
     st.session_state["saved_case"] = (case_id, reference)
     st.session_state.pop("suggested_reference", None)
@@ -275,7 +276,7 @@ def save_section(signature: str) -> None:
     (the task, model, settings, blood count or images changed since they were computed)."""
     saved = st.session_state.get("saved_case")
     if saved:
-        st.success(f"Saved as case {saved[1]} (id {saved[0]}). Review it on the Cases page.")
+        st.success(f"Saved as case {plain(saved[1])} (id {saved[0]}). Review it on the Cases page.")
         return
     if st.session_state.get("analysis_signature") != signature:
         st.warning("The task, model, settings, blood count or images changed since these results were computed: "

@@ -27,24 +27,32 @@ def case_store() -> CaseStore:
 
 
 def current_user() -> dict | None:
-    """The signed-in user (name and role), or ``None`` once the session has expired."""
+    """The signed-in user (name and role), or ``None`` once the sign-in has expired, which
+    forgets the session as signing out does."""
     user = st.session_state.get("user")
     if user and time.time() - user["since"] > SESSION_SECONDS:
-        st.session_state.pop("user")
+        _forget_session()
         return None
     return user
 
 
+def _forget_session() -> None:
+    """Drop everything the session holds (the user, results, their blood count, the save
+    form's state), so the next person at the workstation cannot save the previous one's
+    analyses under their own name. Widget values the browser still shows (chosen images,
+    typed counts) stay visible to them."""
+    st.session_state.clear()
+
+
 def login_section() -> None:
-    """Sidebar sign-in form, or the signed-in user with a sign-out button. Signing out forgets
-    the whole session (results, blood counts, choices), so the next person at the workstation
-    cannot save the previous one's analyses under their own name."""
+    """Sidebar sign-in form, or the signed-in user with a sign-out button (which forgets the
+    session: :func:`_forget_session`)."""
     with st.sidebar:
         user = current_user()
         if user:
             st.markdown(f"Signed in as **{plain(user['name'])}** ({user['role']})")
             if st.button("Sign out"):
-                st.session_state.clear()
+                _forget_session()
                 st.rerun()
             return
         with st.form("login"):

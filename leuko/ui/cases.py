@@ -82,10 +82,21 @@ def _image_bytes(store: CaseStore, relative: str | None) -> bytes | None:
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def _mask_overlay(original: Path, mask: Path) -> bytes | None:
+def _cached_mask_overlay(original: Path, mask: Path) -> bytes:
     """A saved crop's mask overlay, drawn once: stored files are named by their content's
-    digest, so the same paths always hold the same pictures."""
-    return saved_mask_overlay(original, mask)
+    digest, so the same paths always hold the same pictures. Raises ``FileNotFoundError``
+    when it cannot be drawn, which is not cached, so a file that comes back is shown."""
+    overlay = saved_mask_overlay(original, mask)
+    if overlay is None:
+        raise FileNotFoundError(f"no overlay of {original} with {mask}")
+    return overlay
+
+
+def _mask_overlay(original: Path, mask: Path) -> bytes | None:
+    try:
+        return _cached_mask_overlay(original, mask)
+    except FileNotFoundError:
+        return None
 
 
 def _final_labels(image: ImageRecord) -> dict[int | None, str]:
@@ -161,7 +172,7 @@ def _save_reviews(store: CaseStore, image: ImageRecord, user: dict, labels: dict
         for cell_id, label in labels.items():
             store.review(image.id, user["name"], label, comment, cell_id=cell_id)
     except (StoreError, StoreUnavailableError) as exc:
-        st.error(f"Review not saved: {exc}")
+        st.error(f"Review not saved: {plain(exc)}")
     else:
         st.rerun()
 
@@ -228,7 +239,7 @@ def case_detail(store: CaseStore, case_id: int, user: dict) -> None:
         try:
             store.sign_off(case.id, user["name"])
         except (PermissionDenied, StoreError, StoreUnavailableError) as exc:
-            st.error(str(exc))
+            st.error(plain(exc))
         else:
             st.rerun()
     right.download_button("Download PDF report", lambda: _pdf_bytes(store, case.id), f"{case.reference}.pdf",

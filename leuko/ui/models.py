@@ -56,15 +56,19 @@ def may_change_default(user: dict | None) -> bool:
     return user is not None and user.get("role") in SIGNING_ROLES
 
 
+def make_default(store: ModelStore, task: str, model_id: str) -> tuple[bool, str]:
+    """Make ``model_id`` the task's default: whether it was done, and the message saying so or
+    why not (a model of another task, missing, or whose weights fail their check)."""
+    try:
+        store.set_default(task, model_id)
+    except (ValueError, ModelIntegrityError, ModelNotFoundError) as exc:
+        return False, f"{model_id} was not made the default: {exc}"
+    return True, f"{model_id} is now the default for {task}."
+
+
 def _choose_default(store: ModelStore, task: str, key: str) -> None:
     """The chooser's ``on_change``: write the model the user picked as the task's default."""
-    chosen = st.session_state[key]
-    try:
-        store.set_default(task, chosen)
-    except (ValueError, ModelIntegrityError, ModelNotFoundError) as exc:
-        st.session_state["default_outcome"] = ("error", f"{chosen} was not made the default: {exc}")
-    else:
-        st.session_state["default_outcome"] = ("success", f"{chosen} is now the default for {task}.")
+    st.session_state["default_outcome"] = make_default(store, task, st.session_state[key])
 
 
 def default_chooser(store: ModelStore, user: dict | None) -> None:
@@ -77,7 +81,7 @@ def default_chooser(store: ModelStore, user: dict | None) -> None:
         st.caption("Sign in (sidebar) as a reviewer or admin to change the default models.")
     outcome = st.session_state.pop("default_outcome", None)
     if outcome:
-        (st.success if outcome[0] == "success" else st.error)(outcome[1])
+        (st.success if outcome[0] else st.error)(outcome[1])
     for task in [*TASKS, "segmentation"]:
         ids = [c.id for c in store.cards(task)]
         if len(ids) < 2:

@@ -17,9 +17,10 @@ from leuko.paths import REPO_ROOT, default_data_root
 from leuko.preprocess import PreprocessConfig
 from leuko.store import StoreUnavailableError
 from leuko.tasks import TASKS
+from leuko.ui import plain
 from leuko.ui.auth import case_store, current_user
 from leuko.ui.charts import confusion_heatmap, training_curves
-from leuko.ui.models import may_change_default
+from leuko.ui.models import make_default, may_change_default
 
 PRESETS_DIR = REPO_ROOT / "configs"
 DATA_SOURCES = ("Shared manifest", "Folder of class sub-folders", "Reviewed cases")
@@ -65,7 +66,7 @@ def _model_id_choice(task: str) -> tuple[str | None, bool] | None:
     try:
         existing = ModelStore().check_new_id(model_id, task, replace=True)
     except ValueError as exc:
-        st.error(str(exc))
+        st.error(plain(exc))
         return None
     if existing is None:
         return model_id, False
@@ -202,5 +203,5 @@ def job_evaluation(job: Job, user: dict | None) -> None:
     if not may_change_default(user):
         st.caption("Sign in (sidebar) as a reviewer or admin to make it the default model for its task.")
     elif st.button("Make it the default model for its task"):
-        ModelStore().set_default(report["task"], report["model"])
-        st.success(f"{report['model']} is now the default for {report['task']}.")
+        done, message = make_default(ModelStore(), report["task"], report["model"])
+        (st.success if done else st.error)(message)
