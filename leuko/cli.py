@@ -136,7 +136,7 @@ def _predict(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in the given paths", file=sys.stderr)
         return 1
-    if args.csv and (Path(args.csv).suffix.lower() in IMAGE_SUFFIXES
+    if args.csv and ({Path(args.csv).suffix.lower(), Path(args.csv).resolve().suffix.lower()} & set(IMAGE_SUFFIXES)
                      or Path(args.csv).resolve() in {path.resolve() for path in paths}):
         print(f"error: --csv {args.csv} is an image file or one of the inputs; name a new .csv file", file=sys.stderr)
         return 2
@@ -225,6 +225,17 @@ def _unique_names(stem: str, suffixes: Sequence[str], used: set[str]) -> list[st
     return names
 
 
+def _out_dir_problem(out_dir: Path, inputs: Sequence[str]) -> str | None:
+    """Why ``out_dir`` cannot take a run's files: it is, or holds, one of the inputs, and
+    marking it as an output folder would hide those images from later runs."""
+    out = out_dir.resolve()
+    for item in map(Path, inputs):
+        target = item.resolve()
+        if target == out or out in target.parents:
+            return f"--out-dir {out_dir} holds the input {item}; choose a folder of its own"
+    return None
+
+
 def _segment(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
@@ -239,8 +250,12 @@ def _segment(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in the given paths", file=sys.stderr)
         return 1
-    segment = make_segmenter(args.method, device=args.device)
     out_dir = Path(args.out_dir)
+    problem = _out_dir_problem(out_dir, args.paths)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    segment = make_segmenter(args.method, device=args.device)
     table = out_dir / "morphometrics.csv"
     handle, writer, done, cells, used = None, None, 0, 0, set()
     try:
@@ -319,6 +334,10 @@ def _explain(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in the given paths", file=sys.stderr)
         return 1
+    problem = _out_dir_problem(Path(args.out_dir), args.paths)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     predictor = Predictor(args.model, task=args.task, device=args.device)
     cells_of = _CellsOf(args.kind, args.device)
     out_dir = mark_output_folder(Path(args.out_dir))
@@ -562,7 +581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()
+        return code
     except BrokenPipeError:
         sys.stdout = open(os.devnull, "w")
         return 0

@@ -75,12 +75,14 @@ POSSIBLE = {"age": (0.0, 120.0), "wbc": (0.0, 1000.0), "rbc": (0.0, 10.0), "hemo
 """Physiologically possible limits: values outside are data-entry errors, not disease
 (a WBC of several hundred x10^9/L does occur in hyperleukocytic leukemia)."""
 
-UNIT_SLIP_BELOW = {"wbc": 0.01, "platelets": 1.0, "lymphocytes_abs": 0.01, "neutrophils_abs": 0.01, "rbc": 0.1,
-                   "hematocrit": 5.0}
+UNIT_SLIP_BELOW = {"wbc": 0.01, "platelets": 1.0, "rbc": 0.1, "hematocrit": 1.0}
 """Values that analysers report as 0 or from these up, in the schema's units: a value above 0
 and below is a unit slip, refused rather than flagged as a cytopenia: a count in x10^3/uL
 typed under the unit /uL (WBC 5.2 becoming 0.0052 x10^9/L; RBC 4.5 in x10^6/uL becoming
-0.0000045 x10^12/L), or a haematocrit given as a fraction (0.45) under the unit %."""
+0.0000045 x10^12/L), or a haematocrit given as a fraction (0.45) under the unit %. Absolute
+neutrophil and lymphocyte counts have no floor: a manual differential of a WBC of 0.4 with
+2% neutrophils gives 0.008 x10^9/L (the Analyze page warns instead, see
+:func:`likely_unit_slip`)."""
 
 UNIT_HINTS = {"hematocrit": " (check the unit: a fraction such as 0.45 is 45%, or choose L/L)"}
 """Hints for a value refused as a unit slip, where the general one about counts per
@@ -97,6 +99,16 @@ CONVERSIONS: dict[str, dict[str, float]] = {
 }
 """Multipliers from alternative units to the schema's units (1 g/dL = 0.6206 mmol/L of
 haemoglobin monomer; 1 x10^9/L = 1000 per microlitre)."""
+
+
+def likely_unit_slip(field: str, value: float, unit: str) -> str | None:
+    """A warning when a count typed per microlitre is so small (under 10) that it was probably
+    read off an analyser in thousands per microlitre (neutrophils 2.5 meaning 2,500/uL), for
+    the counts that :data:`UNIT_SLIP_BELOW` cannot refuse; ``None`` otherwise."""
+    if unit != "/uL" or not 0 < value < 10 or field in UNIT_SLIP_BELOW:
+        return None
+    return (f"{value:g} per microlitre is {convert(field, value, unit):g} {UNITS[field]}; if the analyser printed "
+            f"{value:g} x10^3/uL, choose that unit")
 
 
 def convert(field: str, value: float, unit: str) -> float:
@@ -135,15 +147,15 @@ def validate(values: ClinicalValues) -> ClinicalValues:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ClinicalValueError(item.name, f"{value!r} is not a number")
         low, high = POSSIBLE[item.name]
-        hint = UNIT_HINTS.get(item.name, " (check the unit: a count per microlitre and one in thousands or "
-                                          "millions per microlitre differ 1000-fold or more)"
-                              if "/uL" in CONVERSIONS.get(item.name, {}) else "")
+        hint = (" (check the unit: a count per microlitre and one in thousands or millions per microlitre differ "
+                "1000-fold or more)" if "/uL" in CONVERSIONS.get(item.name, {}) else "")
         if not math.isfinite(value) or not low <= value <= high:
             raise ClinicalValueError(item.name, f"{value:g} {UNITS[item.name]} is impossible; accepted range is "
                                                 f"{low:g}-{high:g} {UNITS[item.name]}{hint}")
         if 0 < value < UNIT_SLIP_BELOW.get(item.name, 0):
-            raise ClinicalValueError(item.name, f"{value:g} {UNITS[item.name]} is below any reported count (0, or "
-                                                f"{UNIT_SLIP_BELOW[item.name]:g} and above){hint}")
+            raise ClinicalValueError(item.name, f"{value:g} {UNITS[item.name]} is below any reported value (0, or "
+                                                f"{UNIT_SLIP_BELOW[item.name]:g} and above)"
+                                                f"{UNIT_HINTS.get(item.name, hint)}")
     if values.lymphocytes_pct is not None and values.blasts_pct is not None \
             and values.lymphocytes_pct + values.blasts_pct > 100.0:
         raise ClinicalValueError("lymphocytes_pct", f"lymphocytes {values.lymphocytes_pct}% and blasts "

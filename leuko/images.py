@@ -7,7 +7,6 @@ mislabelled file is refused here with a message a user can act on.
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 from typing import Union
 
@@ -38,17 +37,15 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
         raise ImageError(f"{name}: the file is empty")
     too_large = f"{name}: {{}} pixels is over the limit of {max_pixels / 1e6:.0f} megapixels"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(data)
-            if image.format not in {"PNG", "JPEG", "TIFF", "BMP", "MPO"}:
-                raise ImageError(f"{name}: {image.format or 'unknown'} images are not supported; "
-                                 "use PNG, JPEG, TIFF or BMP")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(too_large.format(f"{width}x{height}"))
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        image = Image.open(data)
+        if image.format not in {"PNG", "JPEG", "TIFF", "BMP", "MPO"}:
+            raise ImageError(f"{name}: {image.format or 'unknown'} images are not supported; "
+                             "use PNG, JPEG, TIFF or BMP")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(too_large.format(f"{width}x{height}"))
+        image.load()
+    except Image.DecompressionBombError:
         raise ImageError(too_large.format(f"more than {Image.MAX_IMAGE_PIXELS / 1e6:.0f} million")) from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file, or a format that is not supported "

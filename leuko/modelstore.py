@@ -87,8 +87,36 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelCard":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The card of a parsed JSON object; raises ``ValueError`` naming what is wrong when it
+        is not an object, lacks a required field or has a field of the wrong type."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a model card must be a JSON object, not {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        for name, value in data.items():
+            expected = CARD_FIELD_TYPES.get(name)
+            if expected and (not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected)):
+                raise ValueError(f"card field {name!r} has the wrong type ({type(value).__name__})")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ValueError(f"the card lacks a field: {exc}") from None
+
+    @classmethod
+    def read(cls, path: Path) -> "ModelCard":
+        """The card in the JSON file ``path``; raises ``ValueError`` (or ``OSError``) saying why
+        it cannot be read."""
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+CARD_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **{name: (str,) for name in ("id", "task", "arch", "hardware", "weights_sha256", "weights_dtype",
+                                 "pretrained_source", "created", "leuko_version", "intended_use", "limitations")},
+    **{name: (dict,) for name in ("input", "arch_config", "training", "data", "metrics")},
+    "classes": (list,), "temperature": (int, float), "review_threshold": (int, float, type(None)),
+    "training_time_s": (int, float, type(None)), "default": (bool,),
+}
+"""The JSON types each card field may have, so a damaged card is refused when read instead of
+failing later where a field is used."""
 
 
 @dataclass
@@ -144,8 +172,8 @@ class ModelStore:
                 if path.name == DEFAULTS_FILE:
                     continue
                 try:
-                    card = ModelCard.from_dict(json.loads(path.read_text()))
-                except (OSError, ValueError, TypeError, AttributeError) as exc:
+                    card = ModelCard.read(path)
+                except (OSError, ValueError) as exc:
                     yield path, None, f"the card cannot be read ({exc})"
                     continue
                 if card.id != path.stem:
@@ -175,8 +203,8 @@ class ModelStore:
             path = folder / f"{model_id}.json"
             if path.is_file():
                 try:
-                    return ModelCard.from_dict(json.loads(path.read_text())), folder
-                except (ValueError, TypeError) as exc:
+                    return ModelCard.read(path), folder
+                except (OSError, ValueError) as exc:
                     raise ModelIntegrityError(f"model card {path} is unreadable: {exc}") from exc
         known = ", ".join(c.id for c in self.cards()) or "none"
         raise ModelNotFoundError(f"no model {model_id!r} in {', '.join(map(str, self.folders))}; "
@@ -325,7 +353,7 @@ class ModelStore:
 def _read_card(path: Path) -> ModelCard | None:
     """The card at ``path`` if it exists, is readable and names itself by the file's stem."""
     try:
-        card = ModelCard.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, AttributeError):
+        card = ModelCard.read(path)
+    except (OSError, ValueError):
         return None
     return card if card.id == path.stem else None

@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -304,3 +305,27 @@ def test_predict_with_the_simulated_fusion_model_says_its_clinical_branch_is_sim
     assert "SIMULATED blood counts" in capsys.readouterr().err
     assert main(["predict", "--task", "all_binary", str(crop)]) == 0
     assert "SIMULATED" not in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(leuko_home):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    run = subprocess.Popen([sys.executable, "-m", "leuko", "models", "--task", "all_binary"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=env)
+    run.stdout.close()
+    assert run.wait(timeout=120) == 0
+    assert b"BrokenPipe" not in run.stderr.read()
+
+
+def test_an_output_folder_holding_the_inputs_and_a_csv_link_to_an_image_are_refused(binary_folder, tmp_path, capsys):
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    (crops / "cell.png").write_bytes(next((binary_folder / "test" / "ALL").iterdir()).read_bytes())
+    for out_dir in (crops, tmp_path):
+        assert main(["segment", "--method", "classical", "--out-dir", str(out_dir), str(crops)]) == 2
+        assert "holds the input" in capsys.readouterr().err
+    assert not (crops / ".leuko-output").exists() and not (tmp_path / ".leuko-output").exists()
+    link = tmp_path / "results.csv"
+    link.symlink_to(crops / "cell.png")
+    original = (crops / "cell.png").read_bytes()
+    assert main(["predict", "--task", "all_binary", "--csv", str(link), str(binary_folder / "val")]) == 2
+    assert (crops / "cell.png").read_bytes() == original

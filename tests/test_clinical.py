@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leuko.clinical import (ClinicalValueError, ClinicalValues, convert, flags, reference_range, stored_flags,
-                             validate)
+from leuko.clinical import (ClinicalValueError, ClinicalValues, convert, flags, likely_unit_slip, reference_range,
+                             stored_flags, validate)
 
 
 @pytest.mark.parametrize("values, field, words", [
@@ -122,22 +122,36 @@ def test_no_input_crashes_validation(values, sex):
 
 
 @pytest.mark.parametrize("field, value, unit, right_unit", [
-    ("wbc", 5.2, "/uL", "x10^3/uL"), ("platelets", 150.0, "/uL", "x10^3/uL"),
-    ("neutrophils_abs", 2.5, "/uL", "x10^3/uL"), ("lymphocytes_abs", 1.8, "/uL", "x10^3/uL"),
-    ("rbc", 4.5, "/uL", "x10^6/uL"), ("hematocrit", 0.45, "%", "L/L")])
-def test_a_count_typed_in_the_wrong_unit_is_refused_with_a_hint(field, value, unit, right_unit):
+    ("wbc", 5.2, "/uL", "x10^3/uL"), ("platelets", 150.0, "/uL", "x10^3/uL"), ("rbc", 4.5, "/uL", "x10^6/uL"),
+    ("hematocrit", 0.45, "%", "L/L")])
+def test_a_value_typed_in_the_wrong_unit_is_refused_with_a_hint(field, value, unit, right_unit):
     """WBC 5.2 under /uL is 0.0052 x10^9/L, below any living patient's count: refused with a
     hint about the unit instead of being flagged as leukopenia."""
-    with pytest.raises(ClinicalValueError, match="below any reported count.*check the unit"):
+    with pytest.raises(ClinicalValueError, match="below any reported value.*check the unit"):
         validate(ClinicalValues(**{field: convert(field, value, unit)}))
     assert validate(ClinicalValues(**{field: 0.0})).present() == {field: 0.0}
-    assert validate(ClinicalValues(**{field: convert(field, value, right_unit)}))
+    right = convert(field, value, right_unit)
+    assert validate(ClinicalValues(**{field: right})).present() == {field: right}
 
 
-def test_a_haematocrit_given_as_a_fraction_is_refused_with_its_own_hint():
+def test_a_haematocrit_given_as_a_fraction_has_its_own_hint_which_an_impossible_one_does_not_get():
     with pytest.raises(ClinicalValueError, match=r"0.45 is 45%, or choose L/L") as refused:
         validate(ClinicalValues(hematocrit=0.45))
-    assert refused.value.reason.startswith("0.45 % is below any reported count")
+    assert refused.value.reason.startswith("0.45 % is below any reported value")
+    with pytest.raises(ClinicalValueError, match="impossible") as impossible:
+        validate(ClinicalValues(hematocrit=85.0))
+    assert "L/L" not in impossible.value.reason
+
+
+def test_a_tiny_manual_neutrophil_count_is_accepted_and_a_likely_slip_only_warned_about():
+    """WBC 0.4 x10^9/L with 2% neutrophils is 0.008 x10^9/L, a real count in a neutropenic
+    patient; 2.5 typed per microlitre is probably 2.5 x10^3/uL."""
+    assert validate(ClinicalValues(wbc=0.4, neutrophils_abs=0.008)).neutrophils_abs == 0.008
+    warning = likely_unit_slip("neutrophils_abs", 2.5, "/uL")
+    assert "0.0025 x10^9/L" in warning and "x10^3/uL" in warning
+    assert likely_unit_slip("neutrophils_abs", 2500.0, "/uL") is None
+    assert likely_unit_slip("neutrophils_abs", 2.5, "x10^3/uL") is None
+    assert likely_unit_slip("wbc", 5.2, "/uL") is None
 
 
 def test_a_stored_count_gives_its_flags_or_why_it_could_not_be_checked():

@@ -81,14 +81,18 @@ def test_invalid_ids_and_unreadable_cards(tmp_path):
     future = json.loads((tmp_path / "kept.json").read_text())
     (tmp_path / "future.json").write_text(json.dumps({**future, "id": "future", "task": "aml_subtype"}))
     (tmp_path / "renamed.json").write_text(json.dumps(future))
+    (tmp_path / "hot.json").write_text(json.dumps({**future, "id": "hot", "temperature": "hot"}))
     assert [c.id for c in store.cards()] == ["kept"] and store.status()[0].card.id == "kept"
     reasons = {path.name: why for path, why in store.unreadable_cards()}
-    assert sorted(reasons) == ["broken.json", "future.json", "listed.json", "renamed.json"]
+    assert sorted(reasons) == ["broken.json", "future.json", "hot.json", "listed.json", "renamed.json"]
+    assert reasons["hot.json"] == "the card cannot be read (card field 'temperature' has the wrong type (str))"
+    assert "must be a JSON object, not list" in reasons["listed.json"]
     assert reasons["future.json"] == "the card is for an unknown task 'aml_subtype'"
     assert reasons["renamed.json"] == "the card names model 'kept', not 'renamed'"
     assert reasons["broken.json"].startswith("the card cannot be read")
-    with pytest.raises(ModelIntegrityError, match="unreadable"):
-        store.load("broken")
+    for unreadable in ("broken", "listed", "hot"):
+        with pytest.raises(ModelIntegrityError, match="unreadable"):
+            store.load(unreadable)
 
 
 def test_each_task_has_exactly_one_shipped_model_marked_default():

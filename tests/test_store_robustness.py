@@ -230,6 +230,9 @@ def test_accounts_need_a_name_and_a_duplicate_is_a_clear_error(store):
         store.create_user("rita", "long-enough", "analyst")
     with pytest.raises(StoreError, match="user 'RITA' already exists as 'rita'"):
         store.create_user("RITA", "long-enough", "analyst")
+    store.create_user("Émile", "long-enough", "analyst")
+    with pytest.raises(StoreError, match="user 'émile' already exists as 'Émile'"):
+        store.create_user("émile", "long-enough", "analyst")
     with pytest.raises(StoreError, match="begins or ends with a space"):
         store.create_user(" bob ", "long-enough", "analyst")
     assert store.role_of("RITA") is None and store.role_of(" bob ") is None

@@ -233,7 +233,8 @@ class CaseStore:
             raise StoreError("passwords need at least 8 characters")
 
         def work(session: Session) -> None:
-            taken = session.scalar(select(User.username).where(func.lower(User.username) == username.lower()))
+            taken = next((name for name in session.scalars(select(User.username))
+                          if name.casefold() == username.casefold()), None)
             if taken:
                 raise StoreError(f"user {username!r} already exists" + (f" as {taken!r}" if taken != username else ""))
             session.add(User(username=username, password_hash=self.hasher.hash(password), role=role))

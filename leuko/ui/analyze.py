@@ -13,7 +13,8 @@ import pandas as pd
 import streamlit as st
 
 from leuko.analysis import AnalysisSettings, Analyzer, ImageAnalysis, boxes_overlay, mask_overlay
-from leuko.clinical import CONVERSIONS, LABELS, UNITS, ClinicalValueError, ClinicalValues, convert, validate
+from leuko.clinical import (CONVERSIONS, LABELS, UNITS, ClinicalValueError, ClinicalValues, convert, likely_unit_slip,
+                             validate)
 from leuko.device import DeviceError
 from leuko.examples import PUBLIC_DATASETS, examples_root, find_examples
 from leuko.explain import CAM_METHODS
@@ -102,6 +103,9 @@ def cbc_form() -> tuple[ClinicalValues | None, str | None]:
                     entered[name] = convert(name, float(value), unit)
                 except ClinicalValueError as exc:
                     return None, str(exc)
+                slip = likely_unit_slip(name, float(value), unit)
+                if slip:
+                    column.warning(f"{LABELS[name]}: {slip}")
         if not entered:
             return None, None
         try:
