@@ -175,6 +175,9 @@ def test_history_filters_by_reviewer_and_by_reviewed_label(leuko_home, accounts)
     next(t for t in app.text_input if t.label == "Reviewed by").set_value("").run()
     next(s for s in app.selectbox if s.label == "Reviewed as").set_value("ALL").run()
     assert list(app.dataframe[0].value["reference"]) == ["BY-BOB"]
+    next(s for s in app.selectbox if s.label == "Reviewed as").set_value("any").run()
+    next(t for t in app.text_input if t.label == "Reference contains").set_value("  BY-RITA ").run()
+    assert list(app.dataframe[0].value["reference"]) == ["BY-RITA"]
 
 
 def test_a_case_shows_its_blood_count_with_units_and_flags(leuko_home, accounts):

@@ -96,6 +96,10 @@ def test_sign_off_needs_every_item_reviewed_and_the_reviewer_role(store):
         store.sign_off(case_id, "rita")
     with pytest.raises(StoreError, match="not part of image"):
         store.review(field_image.id, "rita", "ALL", cell_id=10**6)
+    with pytest.raises(StoreError, match="'blast' is not a label this image can be given \\(ALL, no leukocyte, normal\\)"):
+        store.review(image.id, "rita", "blast")
+    with pytest.raises(StoreError, match="'no leukocyte' is not a label"):
+        store.review(field_image.id, "rita", NO_LEUKOCYTE, cell_id=field_image.cells[0].id)
     store.review(image.id, "rita", "ALL")
     store.review(field_image.id, "rita", "ALL", cell_id=field_image.cells[0].id)
     with pytest.raises(StoreError, match="field.png cell 2"):

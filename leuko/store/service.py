@@ -29,6 +29,7 @@ from leuko.store.db import (REFUSED_STATEMENTS, StoreUnavailableError, database_
 from leuko.store.files import FileStore
 from leuko.store.models import (NAME_MAX_CHARS, REFERENCE_MAX_CHARS, USERNAME_MAX_CHARS, AuditEvent, Case, Cell,
                                 ImageRecord, Prediction, Review, SignOff, User, utcnow)
+from leuko.tasks import get_task
 
 ROLES = ("analyst", "reviewer", "admin")
 SIGNING_ROLES = ("reviewer", "admin")
@@ -410,7 +411,8 @@ class CaseStore:
 
     def review(self, image_id: int, reviewer: str, final_label: str, comment: str = "",
                cell_id: int | None = None) -> None:
-        """Confirm or reclassify an image (or one cell of a field) with a final label."""
+        """Confirm or reclassify an image (or one cell of a field) with a final label: a class of
+        the task its predictions are for, or :data:`NO_LEUKOCYTE` for a whole image."""
 
         def work(session: Session) -> None:
             image = session.get(ImageRecord, image_id)
@@ -421,6 +423,12 @@ class CaseStore:
                 raise StoreError(f"case {case.reference} is signed; reviews can no longer change")
             if cell_id is not None and not any(c.id == cell_id for c in image.cells):
                 raise StoreError(f"cell {cell_id} is not part of image {image_id}")
+            allowed = {label for prediction in image.predictions for label in get_task(prediction.task).class_ids}
+            if cell_id is None:
+                allowed.add(NO_LEUKOCYTE)
+            if final_label not in allowed:
+                raise StoreError(f"{final_label!r} is not a label this image can be given "
+                                 f"({', '.join(sorted(allowed))})")
             previous = [r for r in image.reviews if r.cell_id == cell_id]
             session.add(Review(image_id=image_id, cell_id=cell_id, reviewer=reviewer, final_label=final_label,
                                comment=comment))

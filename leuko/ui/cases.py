@@ -44,7 +44,7 @@ def filters_form() -> CaseFilter:
                       predicted_label=None if predicted == "any" else predicted,
                       final_label=None if final == "any" else final, reviewer=reviewer.strip() or None,
                       needs_review=None if needs_review == "any" else needs_review == "yes",
-                      status=None if status == "any" else status, reference=reference or None)
+                      status=None if status == "any" else status, reference=reference.strip() or None)
 
 
 def history_table(store: CaseStore, filters: CaseFilter) -> int | None:
