@@ -121,7 +121,8 @@ def find_images(paths: list[str | Path]) -> list[Path]:
 
     Files given explicitly are kept whatever their suffix, so an unreadable one is reported
     rather than silently dropped; folders contribute files with image suffixes only, and
-    none from a Leuko output folder (:func:`mark_output_folder`) below the one given.
+    none from a Leuko output folder (:func:`mark_output_folder`) below the one given. A file
+    reached twice (given twice, or also through its folder) is listed once.
     """
     found: list[Path] = []
     for item in map(Path, paths):
@@ -132,4 +133,7 @@ def find_images(paths: list[str | Path]) -> list[Path]:
                                 and not outputs.intersection(p.parents)))
         else:
             found.append(item)
-    return found
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())

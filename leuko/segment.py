@@ -106,6 +106,13 @@ def _central_components(binary: np.ndarray, min_area: int) -> np.ndarray:
     return chosen
 
 
+def require_min_side(height: int, width: int) -> None:
+    """Raise :class:`SegmentationError` for an image under :data:`MIN_SIDE` pixels on a side."""
+    if min(height, width) < MIN_SIDE:
+        raise SegmentationError(f"image of {width}x{height} pixels is too small to segment "
+                                f"(at least {MIN_SIDE}x{MIN_SIDE} needed)")
+
+
 BLANK_STD = 2.0
 """Grey-level standard deviation (0-255) below which an image is one flat colour: no cell."""
 
@@ -129,9 +136,7 @@ def classical_segment(rgb: np.ndarray, config: ClassicalConfig | None = None) ->
     """
     config = config or ClassicalConfig()
     height, width = rgb.shape[:2]
-    if min(height, width) < MIN_SIDE:
-        raise SegmentationError(f"image of {width}x{height} pixels is too small to segment "
-                                f"(at least {MIN_SIDE}x{MIN_SIDE} needed)")
+    require_min_side(height, width)
     side = min(height, width)
     clean = apply_preprocessing(rgb, config.preprocess)
     sigma = max(0.5, config.smoothing * side)
@@ -240,9 +245,7 @@ class LearnedSegmenter:
     def segment(self, rgb: np.ndarray) -> np.ndarray:
         """Mask (H, W) uint8, 0/128/255, of the central cell of a crop."""
         height, width = rgb.shape[:2]
-        if min(height, width) < MIN_SIDE:
-            raise SegmentationError(f"image of {width}x{height} pixels is too small to segment "
-                                    f"(at least {MIN_SIDE}x{MIN_SIDE} needed)")
+        require_min_side(height, width)
         classes = self.logits(rgb)[0].cpu().numpy().argmax(0)
         return keep_central_cell(np.array([BACKGROUND, CYTOPLASM, NUCLEUS], np.uint8)[classes])
 
@@ -359,6 +362,7 @@ def segment_image(rgb: np.ndarray, segment: Callable[[np.ndarray], np.ndarray], 
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise SegmentationError("expected an RGB uint8 image")
     height, width = rgb.shape[:2]
+    require_min_side(height, width)
     kind = resolve_kind(kind, height, width)
     if kind == "crop":
         mask = segment(rgb)

@@ -94,10 +94,12 @@ def test_each_field_row_is_the_prediction_of_its_own_cell(trained, tmp_path, mon
     monkeypatch.setenv("LEUKO_HOME", str(trained))
     monkeypatch.setattr("leuko.segment.make_segmenter", lambda *args, **kwargs: classical_segment)
     Image.fromarray(sample_field(cells=4)).save(tmp_path / "field.png")
+    Image.fromarray(sample_field(cells=4)).save(tmp_path / "copy.png")
     Image.fromarray(sample_field(cells=0)).save(tmp_path / "empty.png")
     out = tmp_path / "out.csv"
     assert main(["predict", "--task", "all_binary", "--model", "cli-model", "--csv", str(out),
-                 str(tmp_path / "empty.png"), str(tmp_path / "field.png"), str(tmp_path / "field.png")]) == 0
+                 str(tmp_path / "empty.png"), str(tmp_path / "field.png"), str(tmp_path / "copy.png"),
+                 str(tmp_path / "field.png")]) == 0
     rows = list(csv.DictReader(out.open()))
     assert rows.pop(0)["error"] == "no leukocyte found"
     field = np.asarray(Image.open(tmp_path / "field.png"))

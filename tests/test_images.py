@@ -87,3 +87,10 @@ def test_find_images_skips_leuko_output_folders_below_the_one_given(tmp_path):
     assert [p.name for p in find_images([slide])] == ["cell.png", "cell2.png"]
     assert [p.name for p in find_images([cams])] == ["cell_cam.png"]
     assert [p.name for p in find_images([cams / "cell_cam.png"])] == ["cell_cam.png"]
+
+
+def test_a_file_reached_twice_is_listed_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"0")
+    found = find_images([tmp_path / "a" / "x.png", tmp_path / "a", tmp_path / "a" / ".." / "a" / "x.png"])
+    assert found == [tmp_path / "a" / "x.png"]

@@ -89,6 +89,8 @@ def test_blank_tiny_and_wrong_images():
         segment_image(np.zeros((40, 40), np.uint8), classical_segment)
     blank = segment_image(np.full((64, 64, 3), 230, np.uint8), classical_segment)
     assert blank.cells == [] and not blank.mask.any()
+    with pytest.raises(SegmentationError, match="5000x1 pixels is too small"):
+        segment_image(np.zeros((1, 5000, 3), np.uint8), classical_segment)
 
 
 def test_a_nucleus_coloured_frame_around_the_whole_crop_is_segmented_without_error():
