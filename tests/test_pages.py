@@ -378,3 +378,18 @@ def test_user_text_is_shown_as_typed_not_as_markdown(leuko_home, accounts):
     assert any(m.startswith("#### \\*\\*x\\*\\* \\[a\\]\\(javascript\\:z\\)\\.png") for m in shown)
     assert "![" not in " ".join(shown)
     assert plain("Total\n===\n&amp;") == "Total\n\\=\\=\\=\n\\&amp;"
+
+
+def test_a_single_picked_date_shows_that_days_cases(leuko_home, accounts):
+    from datetime import datetime, timedelta, timezone
+
+    store = CaseStore(home=leuko_home)
+    prediction = PredictionEntry("m", "0" * 64, "all_binary", {"ALL": 0.9, "normal": 0.1}, "ALL", 0.9, False, 5.0)
+    store.save_case("TODAY", "ann", [ImageEntry(png_bytes(stained_cell()), "cell.png", 160, 160, "crop", prediction)])
+    store.close()
+    today = datetime.now(timezone.utc).date()
+    app = page("2_Cases.py", accounts["rita"])
+    app.date_input[0].set_value((today - timedelta(days=1),)).run()
+    assert any("No case matches" in i.value for i in app.info)
+    app.date_input[0].set_value((today,)).run()
+    assert list(app.dataframe[0].value["reference"]) == ["TODAY"]

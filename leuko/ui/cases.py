@@ -35,11 +35,11 @@ def filters_form() -> CaseFilter:
         final = second.selectbox("Reviewed as", ["any", *labels, NO_LEUKOCYTE],
                                  help="The final label a reviewer confirmed or chose")
         needs_review = third.selectbox("Needs review", ["any", "yes", "no"])
-        dates = third.date_input("Created between", value=(), help="Leave empty for any date")
+        dates = third.date_input("Created between", value=(), help="Leave empty for any date; one date: that day")
     since = until = None
-    if isinstance(dates, tuple) and len(dates) == 2:
+    if isinstance(dates, tuple) and dates:
         since = datetime.combine(dates[0], time.min, tzinfo=timezone.utc)
-        until = datetime.combine(dates[1], time.max, tzinfo=timezone.utc)
+        until = datetime.combine(dates[-1], time.max, tzinfo=timezone.utc)
     return CaseFilter(since=since, until=until, task=None if task == "any" else task,
                       predicted_label=None if predicted == "any" else predicted,
                       final_label=None if final == "any" else final, reviewer=reviewer.strip() or None,
