@@ -218,6 +218,7 @@ def test_exports_csv_pdf_and_a_dataset_training_can_read(store, tmp_path):
     store.sign_off(case_id, "rita")
     rows = list(csv.reader(io.StringIO(cases_csv(store))))
     assert rows[1][0].startswith("'=") and rows[1][11] == "ALL" and rows[1][13] == "rita"
+    assert rows[1][2].endswith("+00:00")
     assert safe_cell("@cmd") == "'@cmd" and safe_cell("plain") == "plain"
     pdf = case_pdf(store, case_id, tmp_path / "case.pdf", {"model-a": "EfficientNet-Lite0, test accuracy 0.95"})
     assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 2000

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fpdf import FPDF
 
+from leuko.store.models import as_utc
 from leuko.store.service import CaseFilter, CaseStore
 
 DISCLAIMER = ("Decision support, not a diagnosis: every result in this report was produced by a machine-learning "
@@ -49,7 +50,7 @@ def cases_csv(store: CaseStore, filters: CaseFilter | None = None) -> str:
                 for cell_id, result in results or [(None, ("", "", "", "", "", True))]:
                     review = finals.get(cell_id)
                     writer.writerow([safe_cell(v) for v in (
-                        case.reference, case.status, case.created_at.isoformat(), case.created_by,
+                        case.reference, case.status, as_utc(case.created_at).isoformat(), case.created_by,
                         image.original_name, *result, review.final_label if review else "",
                         review.reviewer if review else "", case.sign_off.signed_by if case.sign_off else "")])
         if page * 200 >= total:

@@ -23,6 +23,12 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` with its UTC time zone: SQLite returns the stored UTC times without one,
+    PostgreSQL with it."""
+    return moment.replace(tzinfo=moment.tzinfo or timezone.utc)
+
+
 class Base(DeclarativeBase):
     pass
 

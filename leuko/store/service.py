@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,7 +28,7 @@ from leuko.store.db import (REFUSED_STATEMENTS, StoreUnavailableError, database_
                             upgrade)
 from leuko.store.files import FileStore
 from leuko.store.models import (NAME_MAX_CHARS, REFERENCE_MAX_CHARS, USERNAME_MAX_CHARS, AuditEvent, Case, Cell,
-                                ImageRecord, Prediction, Review, SignOff, User, utcnow)
+                                ImageRecord, Prediction, Review, SignOff, User, as_utc, utcnow)
 from leuko.tasks import get_task
 
 ROLES = ("analyst", "reviewer", "admin")
@@ -255,7 +255,7 @@ class CaseStore:
                 return "unknown user or wrong password"
             now = utcnow()
             locked = user.locked_until
-            if locked is not None and locked.replace(tzinfo=locked.tzinfo or timezone.utc) > now:
+            if locked is not None and as_utc(locked) > now:
                 return "too many failed attempts: try again in a few minutes"
             try:
                 self.hasher.verify(user.password_hash, password)
