@@ -23,7 +23,8 @@ from leuko.explain import Explainer, draw_mask_outlines, energy_inside, overlay
 from leuko.images import ImageError, ImageInput, load_image, load_mask
 from leuko.morphometrics import measure_cell, shape_measures
 from leuko.predict import BATCH_SIZE, Prediction, Predictor
-from leuko.segment import Cell, LearnedSegmenter, SegmentationError, crop_problem, make_segmenter, segment_image
+from leuko.segment import (Cell, SegmentationError, chosen_segmenter, crop_problem, segment_image, segmenter_for,
+                           segmenter_weights)
 from leuko.store import CellEntry, ImageEntry, PredictionEntry
 from leuko.tasks import Task
 
@@ -262,16 +263,15 @@ class Analyzer:
         self.predictor = Predictor(settings.model_id, task=settings.task, device=settings.device,
                                    backend=settings.backend)
         self.explainer = Explainer(self.predictor)
-        self.segment = make_segmenter(settings.segmenter, device=settings.device, backend=settings.backend)
+        self.segmenter_card = chosen_segmenter(settings.segmenter)
+        self.segment = segmenter_for(self.segmenter_card, settings.device, settings.backend)
         self._lock = threading.Lock()
 
     @property
     def weights(self) -> str:
         """The classifier's and the segmenter's weights digests (``classical`` for the
         classical segmenter): what an analysis depends on besides its inputs and settings."""
-        learned = getattr(self.segment, "__self__", None)
-        segmenter = learned.card.weights_sha256 if isinstance(learned, LearnedSegmenter) else "classical"
-        return f"{self.predictor.card.weights_sha256}:{segmenter}"
+        return f"{self.predictor.card.weights_sha256}:{segmenter_weights(self.segmenter_card)}"
 
     @property
     def runtime(self) -> str:

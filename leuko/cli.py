@@ -111,6 +111,30 @@ class _CellsOf:
         return [(index, cell.crop, cell.box) for index, cell in enumerate(cells, start=1)]
 
 
+class _Refused(Exception):
+    """A run refused before any work; ``main`` prints the message and exits with ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _input_images(inputs: Sequence[str], out_dir: Path | None = None) -> list[Path]:
+    """The image files of the run's inputs (:func:`leuko.images.find_images`). Refuses a run
+    with none (exit 1) and an ``out_dir`` that is, or holds, one of the inputs (exit 2):
+    marking it as an output folder would hide those images from later runs."""
+    if out_dir is not None:
+        out = out_dir.resolve()
+        for item in map(Path, inputs):
+            target = item.resolve()
+            if target == out or out in target.parents:
+                raise _Refused(f"--out-dir {out_dir} holds the input {item}; choose a folder of its own")
+    paths = find_images(inputs)
+    if not paths:
+        raise _Refused("no image files found in the given paths", code=1)
+    return paths
+
+
 def _read_each(paths: list[Path], prepare: Callable[[Path], T]) -> Iterator[tuple[Path, T | None, str | None]]:
     """(path, prepare(path), None) for each path, or (path, None, why) when its image cannot be
     read or prepared (:class:`leuko.images.ImageError`, :class:`leuko.segment.SegmentationError`);
@@ -132,14 +156,10 @@ def _predict(args: argparse.Namespace) -> int:
     from leuko.images import IMAGE_SUFFIXES
     from leuko.predict import Predictor
 
-    paths = find_images(args.paths)
-    if not paths:
-        print("error: no image files found in the given paths", file=sys.stderr)
-        return 1
+    paths = _input_images(args.paths)
     if args.csv and ({Path(args.csv).suffix.lower(), Path(args.csv).resolve().suffix.lower()} & set(IMAGE_SUFFIXES)
                      or Path(args.csv).resolve() in {path.resolve() for path in paths}):
-        print(f"error: --csv {args.csv} is an image file or one of the inputs; name a new .csv file", file=sys.stderr)
-        return 2
+        raise _Refused(f"--csv {args.csv} is an image file or one of the inputs; name a new .csv file")
     predictor = Predictor(args.model, task=args.task, device=args.device, tta=args.tta)
     if predictor.card.training.get("simulated_clinical_seed") is not None:
         from leuko.cohort import SIMULATED_NOTICE
@@ -225,17 +245,6 @@ def _unique_names(stem: str, suffixes: Sequence[str], used: set[str]) -> list[st
     return names
 
 
-def _out_dir_problem(out_dir: Path, inputs: Sequence[str]) -> str | None:
-    """Why ``out_dir`` cannot take a run's files: it is, or holds, one of the inputs, and
-    marking it as an output folder would hide those images from later runs."""
-    out = out_dir.resolve()
-    for item in map(Path, inputs):
-        target = item.resolve()
-        if target == out or out in target.parents:
-            return f"--out-dir {out_dir} holds the input {item}; choose a folder of its own"
-    return None
-
-
 def _segment(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
@@ -246,15 +255,8 @@ def _segment(args: argparse.Namespace) -> int:
     from leuko.morphometrics import Morphometrics, measure_cell
     from leuko.segment import make_segmenter, segment_image
 
-    paths = find_images(args.paths)
-    if not paths:
-        print("error: no image files found in the given paths", file=sys.stderr)
-        return 1
     out_dir = Path(args.out_dir)
-    problem = _out_dir_problem(out_dir, args.paths)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+    paths = _input_images(args.paths, out_dir)
     segment = make_segmenter(args.method, device=args.device)
     table = out_dir / "morphometrics.csv"
     handle, writer, done, cells, used = None, None, 0, 0, set()
@@ -330,14 +332,7 @@ def _explain(args: argparse.Namespace) -> int:
     from leuko.images import mark_output_folder
     from leuko.predict import Predictor
 
-    paths = find_images(args.paths)
-    if not paths:
-        print("error: no image files found in the given paths", file=sys.stderr)
-        return 1
-    problem = _out_dir_problem(Path(args.out_dir), args.paths)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+    paths = _input_images(args.paths, Path(args.out_dir))
     predictor = Predictor(args.model, task=args.task, device=args.device)
     cells_of = _CellsOf(args.kind, args.device)
     out_dir = mark_output_folder(Path(args.out_dir))
@@ -587,6 +582,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stdout = open(os.devnull, "w")
         return 0
+    except _Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
     except (ModelNotFoundError, ModelIntegrityError, DeviceError, ValueError, KeyError, StoreError,
             StoreUnavailableError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)

@@ -127,8 +127,9 @@ def find_images(paths: list[str | Path]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, paths):
         if item.is_dir():
-            outputs = {marker.parent for marker in item.rglob(OUTPUT_MARKER)} - {item}
-            found.extend(sorted(p for p in item.rglob("*")
+            entries = list(item.rglob("*"))
+            outputs = {p.parent for p in entries if p.name == OUTPUT_MARKER} - {item}
+            found.extend(sorted(p for p in entries
                                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                                 and not outputs.intersection(p.parents)))
         else:

@@ -171,17 +171,10 @@ class ModelStore:
             for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
                 if path.name == DEFAULTS_FILE:
                     continue
-                try:
-                    card = ModelCard.read(path)
-                except (OSError, ValueError) as exc:
-                    yield path, None, f"the card cannot be read ({exc})"
-                    continue
-                if card.id != path.stem:
-                    yield path, None, f"the card names model {card.id!r}, not {path.stem!r}"
-                elif card.task not in TASKS and card.task != SEGMENTATION_TASK:
-                    yield path, None, f"the card is for an unknown task {card.task!r}"
-                else:
-                    yield path, card, None
+                card, why = _checked_card(path)
+                if card is not None and card.task not in TASKS and card.task != SEGMENTATION_TASK:
+                    card, why = None, f"the card is for an unknown task {card.task!r}"
+                yield path, card, why
 
     def cards(self, task: str | None = None) -> list[ModelCard]:
         """All readable cards (first store wins on duplicate ids), newest first."""
@@ -350,10 +343,18 @@ class ModelStore:
         return LoadedModel(card, network.eval())
 
 
-def _read_card(path: Path) -> ModelCard | None:
-    """The card at ``path`` if it exists, is readable and names itself by the file's stem."""
+def _checked_card(path: Path) -> tuple[ModelCard | None, str | None]:
+    """(the card at ``path``, None) when it is readable and names itself by the file's stem,
+    else (None, why not)."""
     try:
         card = ModelCard.read(path)
-    except (OSError, ValueError):
-        return None
-    return card if card.id == path.stem else None
+    except (OSError, ValueError) as exc:
+        return None, f"the card cannot be read ({exc})"
+    if card.id != path.stem:
+        return None, f"the card names model {card.id!r}, not {path.stem!r}"
+    return card, None
+
+
+def _read_card(path: Path) -> ModelCard | None:
+    """The card at ``path`` if it exists, is readable and names itself by the file's stem."""
+    return _checked_card(path)[0]

@@ -121,9 +121,10 @@ def crop_problem(rgb: np.ndarray) -> str | None:
     """Why an image cannot show a cell to classify (smaller than :data:`MIN_SIDE` on a side,
     or one flat colour), or ``None``. A classifier answers for any input, so callers that do
     not segment first (the ``predict`` and ``explain`` commands) check this instead."""
-    height, width = rgb.shape[:2]
-    if min(height, width) < MIN_SIDE:
-        return f"{width}x{height} pixels is too small to hold a cell (at least {MIN_SIDE}x{MIN_SIDE} needed)"
+    try:
+        require_min_side(*rgb.shape[:2])
+    except SegmentationError as exc:
+        return str(exc)
     if cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY).std() < BLANK_STD:
         return "the image is blank (one flat colour): there is no cell to classify"
     return None
@@ -409,11 +410,21 @@ def chosen_segmenter(method: str = "auto", model_id: str | None = None):
     return card
 
 
-def make_segmenter(method: str = "auto", model_id: str | None = None, device: str | None = None,
-                   backend: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
-    """A crop -> mask function: the segmenter :func:`chosen_segmenter` resolves ``method`` to.
-    ``backend`` is the learned segmenter's (see :class:`LearnedSegmenter`)."""
-    card = chosen_segmenter(method, model_id)
+def segmenter_for(card, device: str | None = None, backend: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
+    """The crop -> mask function of a learned segmenter's card, or the classical one for
+    ``None`` (what :func:`chosen_segmenter` returns). ``backend`` is the learned segmenter's
+    (see :class:`LearnedSegmenter`)."""
     if card is None:
         return classical_segment
     return LearnedSegmenter(card.id, device=device, backend=backend).segment
+
+
+def segmenter_weights(card) -> str:
+    """The weights digest of a learned segmenter's card, or ``classical`` for ``None``."""
+    return card.weights_sha256 if card is not None else "classical"
+
+
+def make_segmenter(method: str = "auto", model_id: str | None = None, device: str | None = None,
+                   backend: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
+    """A crop -> mask function: the segmenter :func:`chosen_segmenter` resolves ``method`` to."""
+    return segmenter_for(chosen_segmenter(method, model_id), device, backend)

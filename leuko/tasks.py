@@ -71,12 +71,15 @@ class Task:
         return ", ".join(f"{r['class']} {r['cells']} ({r['percent']:.0f}%)" for r in self.differential(labels)
                          if r["cells"])
 
+    def blast_count(self, labels: Sequence[str]) -> int | None:
+        """How many of ``labels`` are blast classes; ``None`` for a task without blast classes."""
+        return sum(label in self.blast_classes for label in labels) if self.blast_classes else None
+
     def blast_percent(self, labels: Sequence[str]) -> float | None:
         """Share (%) of ``labels`` that are blast classes; ``None`` for a task without blast
         classes or no labels."""
-        if not self.blast_classes or not labels:
-            return None
-        return 100.0 * sum(label in self.blast_classes for label in labels) / len(labels)
+        count = self.blast_count(labels)
+        return 100.0 * count / len(labels) if count is not None and labels else None
 
 
 TASKS: dict[str, Task] = {

@@ -4,9 +4,9 @@ explanations, segmentation and morphometrics, and save them as a case."""
 import streamlit as st
 
 from leuko.tasks import get_task
+from leuko.ui import plain
 from leuko.ui.analyze import (cbc_form, image_inputs, inputs_signature, load_analyzer, model_summary, run_analyses,
                               save_section, settings_sidebar, show_analysis)
-from leuko.ui import plain
 from leuko.ui.auth import login_section
 
 login_section()

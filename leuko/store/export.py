@@ -106,10 +106,9 @@ def _differential_lines(image, finals: dict) -> list[str]:
         return []
     task = get_task(image.predictions[0].task)
     lines = [f"Differential (reviewed labels where given): {task.differential_text(labels)}."]
-    blasts = task.blast_percent(labels)
+    blasts = task.blast_count(labels)
     if blasts is not None:
-        lines.append(f"Cells read as blasts: {sum(label in task.blast_classes for label in labels)} of {len(labels)} "
-                     f"({blasts:.0f}%).")
+        lines.append(f"Cells read as blasts: {blasts} of {len(labels)} ({task.blast_percent(labels):.0f}%).")
     return lines
 
 
@@ -137,7 +136,10 @@ def case_pdf(store: CaseStore, case_id: int, path: Path, model_summaries: dict[s
             f"{k} {v:g} {UNITS[k]}" if k in UNITS else f"{k} {v}" for k, v in values.present().items()),
                        new_x="LMARGIN", new_y="NEXT")
         found, problem = stored_flags(values)
-        for line in [f"- {flag.describe()}" for flag in found] + ([f"- the blood count could not be checked: {problem}"] if problem else []):
+        findings = [f"- {flag.describe()}" for flag in found]
+        if problem:
+            findings.append(f"- the blood count could not be checked: {problem}")
+        for line in findings:
             pdf.multi_cell(0, 5, line, new_x="LMARGIN", new_y="NEXT")
     for image in case.images:
         pdf.ln(3)

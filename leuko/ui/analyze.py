@@ -20,7 +20,7 @@ from leuko.examples import PUBLIC_DATASETS, examples_root, find_examples
 from leuko.explain import CAM_METHODS
 from leuko.images import IMAGE_SUFFIXES, ImageError
 from leuko.modelstore import ModelIntegrityError, ModelNotFoundError, ModelStore
-from leuko.segment import chosen_segmenter
+from leuko.segment import chosen_segmenter, segmenter_weights
 from leuko.store import REFERENCE_MAX_CHARS, StoreError, StoreUnavailableError
 from leuko.tasks import TASKS
 from leuko.ui import plain
@@ -44,12 +44,12 @@ class RunOptions:
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model...")
 def analyzer_for(task: str, model_id: str | None, device: str, segmenter: str, weights: str,
-                 segmenter_weights: str) -> Analyzer:
+                 segmenter_id: str | None, segmenter_digest: str) -> Analyzer:
     """One analyzer (classifier, CAM object, segmenter) per choice, shared by all sessions.
-    ``weights`` and ``segmenter_weights`` (the classifier's and the learned segmenter's
-    weights digests, ``classical`` for the classical segmenter) key the cache too, so a model
-    retrained under the same id, or another segmentation default, is loaded afresh instead of
-    serving the old weights."""
+    ``weights``, ``segmenter_id`` and ``segmenter_digest`` (the classifier's weights digest,
+    the learned segmenter's id and digest, ``classical`` for the classical segmenter) key the
+    cache too, so a model retrained under the same id, or another segmentation default, is
+    loaded afresh instead of serving the old weights."""
     return Analyzer(AnalysisSettings(task, model_id, None if device == "auto" else device, segmenter))
 
 
@@ -142,9 +142,8 @@ def load_analyzer(settings: AnalysisSettings) -> Analyzer | None:
         model_id = settings.model_id or store.default_id(settings.task)
         weights = store.locate(model_id)[0].weights_sha256
         segmenter = chosen_segmenter(settings.segmenter)
-        segmenter_weights = f"{segmenter.id}:{segmenter.weights_sha256}" if segmenter else "classical"
         return analyzer_for(settings.task, model_id, settings.device or "auto", settings.segmenter, weights,
-                            segmenter_weights)
+                            segmenter.id if segmenter else None, segmenter_weights(segmenter))
     except (ModelNotFoundError, ModelIntegrityError, DeviceError) as exc:
         st.error(f"The model could not be loaded: {exc}")
         return None
