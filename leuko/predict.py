@@ -44,11 +44,21 @@ with each call, so no thread (nor an OpenMP team started from one) lingers betwe
 
 @dataclass
 class Prediction:
-    """Calibrated probabilities for one image, with the top label and its confidence."""
+    """Calibrated probabilities for one image, with the top label and its confidence.
+
+    ``shift_score`` says how unlike the model's training images the input is (higher: less
+    alike; ``None`` for a model whose card holds no shift statistics, "not measured");
+    ``unfamiliar`` is True when it is above the model's threshold. ``not_applicable`` names
+    why the task's question does not fit the cell (for example a neutrophil asked "ALL blast
+    or normal lymphocyte?"), or is ``None``. An unfamiliar or not-applicable result always
+    needs review."""
 
     classes: list[str]
     probabilities: np.ndarray
     needs_review: bool
+    shift_score: float | None = None
+    unfamiliar: bool = False
+    not_applicable: str | None = None
 
     @property
     def index(self) -> int:

@@ -64,7 +64,9 @@ class PermissionDenied(StoreError):
 @dataclass
 class PredictionEntry:
     """A prediction to log. ``probabilities`` maps class ids to calibrated probabilities;
-    ``cam_png``/``mask_png`` are optional overlay files; ``latency_ms`` in milliseconds."""
+    ``cam_png``/``mask_png`` are optional overlay files; ``latency_ms`` in milliseconds;
+    ``shift_score``, ``unfamiliar`` and ``not_applicable`` as in :class:`leuko.predict.Prediction`
+    (``None``: not measured)."""
 
     model_id: str
     weights_sha256: str
@@ -76,6 +78,9 @@ class PredictionEntry:
     latency_ms: float | None = None
     cam_png: bytes | None = None
     mask_png: bytes | None = None
+    shift_score: float | None = None
+    unfamiliar: bool | None = None
+    not_applicable: str | None = None
 
 
 @dataclass
