@@ -15,8 +15,8 @@ from sklearn.metrics import cohen_kappa_score
 
 from leuko.cli import main
 from leuko.data import read_manifest
-from leuko.store import (NO_LEUKOCYTE, CaseFilter, CaseStore, CellEntry, ImageEntry, PermissionDenied, PredictionEntry,
-                         StoreError)
+from leuko.store import (DUPLICATE, NO_LEUKOCYTE, NOT_LEUKOCYTE, CaseFilter, CaseStore, CellEntry, ImageEntry,
+                         PermissionDenied, PredictionEntry, StoreError, counted_labels)
 from leuko.store.export import case_pdf, cases_csv, export_dataset, safe_cell
 from leuko.store.models import AuditEvent
 from leuko.store.service import REPAIR_MIN_AGE_S
@@ -165,6 +165,77 @@ def test_agreement_statistics_match_scikit_learn(store):
     assert stats["n"] == 6 and stats["accuracy"] == pytest.approx(4 / 6)
     assert stats["kappa"] == pytest.approx(cohen_kappa_score(predicted, truth))
     assert stats["confusion"]["ALL"]["normal"] == 1 and stats["confusion"]["normal"]["ALL"] == 1
+
+
+def test_cells_reviewed_as_not_a_leukocyte_or_duplicate_are_not_counted_nor_in_agreement(store):
+    """A neutrophil found as three cells (two of them its lobes) and a platelet found as a
+    fourth: once reviewed so, the case counts one leukocyte and agreement one reviewed pair."""
+    cells = [CellEntry((10 * k, 0, 30, 30), False, png(1, 20 + k), None, prediction()) for k in range(4)]
+    case_id = store.save_case("LOBES", "adam", [ImageEntry(png(0, 19), "field.png", 200, 100, "field", cells=cells),
+                                                crop(21, label="normal")])
+    field, single = store.case(case_id).images
+    first, lobe, other_lobe, platelet = (cell.id for cell in field.cells)
+    with pytest.raises(StoreError, match="'duplicate' is not a label"):
+        store.review(single.id, "rita", DUPLICATE)
+    assert counted_labels(store.case(case_id)) == {"all_binary": ["ALL", "ALL", "ALL", "ALL", "normal"]}
+    store.review(field.id, "rita", "ALL", cell_id=first)
+    store.review(field.id, "rita", DUPLICATE, "lobe of cell 1", cell_id=lobe)
+    store.review(field.id, "rita", DUPLICATE, cell_id=other_lobe)
+    store.review(field.id, "rita", NOT_LEUKOCYTE, "platelet", cell_id=platelet)
+    store.review(single.id, "rita", "ALL")
+    assert counted_labels(store.case(case_id)) == {"all_binary": ["ALL", "ALL"]}
+    stats = store.agreement()["model-a"]
+    assert stats["n"] == 2 and set(stats["confusion"]) == {"ALL", "normal"}
+    store.sign_off(case_id, "rita", "Blasts present.")
+    assert store.case(case_id).sign_off.impression == "Blasts present."
+
+
+def test_shift_fields_round_trip_and_reach_the_csv(store):
+    unfamiliar = crop(30)
+    unfamiliar.prediction.shift_score, unfamiliar.prediction.unfamiliar = 7.25, True
+    unfamiliar.prediction.not_applicable = "not a lymphocyte: this question does not apply"
+    familiar = crop(31)
+    familiar.prediction.shift_score, familiar.prediction.unfamiliar = 0.5, False
+    case_id = store.save_case("SHIFT", "adam", [unfamiliar, familiar, crop(32)])
+    saved = [image.predictions[0] for image in store.case(case_id).images]
+    assert [(p.shift_score, p.unfamiliar, p.not_applicable) for p in saved] == [
+        (7.25, True, "not a lymphocyte: this question does not apply"), (0.5, False, None), (None, None, None)]
+    rows = list(csv.DictReader(io.StringIO(cases_csv(store))))
+    assert [(r["shift_score"], r["unfamiliar"], r["not_applicable"]) for r in rows] == [
+        ("7.2500", "True", "not a lymphocyte: this question does not apply"), ("0.5000", "False", ""), ("", "", "")]
+
+
+def test_predictions_and_sign_offs_logged_before_the_shift_columns_read_as_not_measured(tmp_path):
+    """A case log at revision 0003 (before shift fields and impressions) is upgraded in place:
+    its prediction reads as not measured and its sign-off has an empty impression."""
+    from alembic import command
+    from alembic.config import Config
+
+    from leuko.store.db import MIGRATIONS, make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0003")
+        now = "2026-11-01 10:00:00"
+        connection.execute(text("INSERT INTO cases (id, reference, notes, created_by, created_at, status) "
+                                f"VALUES (1, 'OLD', '', 'adam', '{now}', 'signed')"))
+        connection.execute(text("INSERT INTO images (id, case_id, sha256, original_name, stored_path, size_bytes, "
+                                "width, height, kind) VALUES (1, 1, 'x', 'a.png', 'a.png', 1, 1, 1, 'crop')"))
+        connection.execute(text("INSERT INTO predictions (image_id, model_id, weights_sha256, task, probabilities, "
+                                "label, confidence, needs_review, created_at) VALUES (1, 'm', 'w', 'all_binary', "
+                                f"'{{\"ALL\": 0.9}}', 'ALL', 0.9, 0, '{now}')"))
+        connection.execute(text(f"INSERT INTO sign_offs (case_id, signed_by, signed_at) VALUES (1, 'rita', '{now}')"))
+    engine.dispose()
+    store = CaseStore(url=url, home=tmp_path / "home")
+    case = store.case(1)
+    store.close()
+    found = case.images[0].predictions[0]
+    assert (found.shift_score, found.unfamiliar, found.not_applicable) == (None, None, None)
+    assert case.sign_off.impression == ""
 
 
 def test_accounts_hash_passwords_and_lock_after_repeated_failures(store):

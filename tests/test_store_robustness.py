@@ -105,6 +105,9 @@ def test_needs_review_means_a_flagged_result_or_a_field_without_cells(store):
     assert references(False) == set(saved) - flagged
     assert references(True, "all_binary") == flagged
     assert references(False, "all_binary") == {"CONFIDENT-CROP", "CONFIDENT-FIELD"}
+    listed = store.list_cases()[0]
+    assert {r["reference"] for r in listed if r["needs_review"]} == flagged
+    assert {r["task"] for r in listed} == {"all_binary"}
 
 
 def test_needs_review_with_a_task_counts_only_that_tasks_flags(store):

@@ -32,11 +32,14 @@ def safe_cell(value) -> str:
 def cases_csv(store: CaseStore, filters: CaseFilter | None = None) -> str:
     """One row per image or cell prediction of the matching cases, with the latest review; an
     image with no prediction (a field in which no leukocyte was found) gets one row of its own,
-    marked as needing review, with the review that confirmed it."""
+    marked as needing review, with the review that confirmed it. The last columns are the
+    prediction's shift score, whether it is unfamiliar and why the question does not apply,
+    empty where not measured."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["case", "status", "created_at", "created_by", "image", "cell", "task", "model", "label",
-                     "confidence", "needs_review", "final_label", "reviewer", "signed_by"])
+                     "confidence", "needs_review", "final_label", "reviewer", "signed_by", "shift_score",
+                     "unfamiliar", "not_applicable"])
     page = 1
     while True:
         rows, total = store.list_cases(filters, page=page, page_size=200)
@@ -46,13 +49,16 @@ def cases_csv(store: CaseStore, filters: CaseFilter | None = None) -> str:
                 finals = {r.cell_id: r for r in image.reviews}
                 numbers = {cell.id: cell.index for cell in image.cells}
                 results = [(p.cell_id, (numbers.get(p.cell_id, ""), p.task, p.model_id, p.label,
-                                        f"{p.confidence:.4f}", p.needs_review)) for p in image.predictions]
-                for cell_id, result in results or [(None, ("", "", "", "", "", True))]:
+                                        f"{p.confidence:.4f}", p.needs_review),
+                            ("" if p.shift_score is None else f"{p.shift_score:.4f}", p.unfamiliar, p.not_applicable))
+                           for p in image.predictions]
+                for cell_id, result, shift in results or [(None, ("", "", "", "", "", True), ("", "", ""))]:
                     review = finals.get(cell_id)
                     writer.writerow([safe_cell(v) for v in (
                         case.reference, case.status, as_utc(case.created_at).isoformat(), case.created_by,
                         image.original_name, *result, review.final_label if review else "",
-                        review.reviewer if review else "", case.sign_off.signed_by if case.sign_off else "")])
+                        review.reviewer if review else "", case.sign_off.signed_by if case.sign_off else "",
+                        *shift)])
         if page * 200 >= total:
             break
         page += 1

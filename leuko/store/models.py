@@ -103,7 +103,10 @@ class Cell(Base):
 
 
 class Prediction(Base):
-    """A model's calibrated answer for an image (crop) or one cell of a field."""
+    """A model's calibrated answer for an image (crop) or one cell of a field. ``shift_score``
+    (higher: less like the model's training images), ``unfamiliar`` (the score is above the
+    model's threshold) and ``not_applicable`` (why the task's question does not fit the cell)
+    are ``None`` when not measured, as for every prediction logged before they existed."""
 
     __tablename__ = "predictions"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -119,6 +122,9 @@ class Prediction(Base):
     cam_path: Mapped[str | None] = mapped_column(String(255), nullable=True)
     mask_path: Mapped[str | None] = mapped_column(String(255), nullable=True)
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    shift_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    unfamiliar: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    not_applicable: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     image: Mapped[ImageRecord] = relationship(back_populates="predictions")
 
@@ -138,12 +144,15 @@ class Review(Base):
 
 
 class SignOff(Base):
+    """A reviewer's signature on a case, with the impression they wrote when signing."""
+
     __tablename__ = "sign_offs"
     __table_args__ = (UniqueConstraint("case_id"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"))
     signed_by: Mapped[str] = mapped_column(String(64))
     signed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    impression: Mapped[str] = mapped_column(Text, default="")
     case: Mapped[Case] = relationship(back_populates="sign_off")
 
 

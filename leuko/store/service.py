@@ -42,6 +42,13 @@ files before its transaction and may then wait for a busy database (8 tries of u
 NO_LEUKOCYTE = "no leukocyte"
 """Final label of a field image in which neither the cell finder nor the reviewer found a
 leukocyte; confirming it counts as that image's review for sign-off."""
+NOT_LEUKOCYTE = "not a leukocyte"
+"""Final label of a field cell that is no leukocyte (a platelet, red cell, debris or stain)."""
+DUPLICATE = "duplicate"
+"""Final label of a field cell that is part of another found cell (a granulocyte's lobe)."""
+EXCLUDED_LABELS = (NOT_LEUKOCYTE, DUPLICATE)
+"""Final labels of field cells that are not counted: left out of the differential, the
+report and the agreement statistics."""
 PG_FILES_LOCK = 7_365_302
 """PostgreSQL advisory lock key of :meth:`CaseStore._lock_files`."""
 
@@ -156,6 +163,33 @@ def _fit_name(name: str) -> str:
         return name
     suffix = _extension(name)
     return name[:NAME_MAX_CHARS - len(suffix) - 1] + "\u2026" + suffix
+
+
+def _flagged(task: str | None):
+    """The condition "the case needs review": a result flagged for review (of ``task`` when
+    given), or a field in which no leukocyte was found."""
+    flagged_result = (select(ImageRecord.case_id).join(Prediction, Prediction.image_id == ImageRecord.id)
+                      .where(Prediction.needs_review.is_(True)))
+    if task is not None:
+        flagged_result = flagged_result.where(Prediction.task == task)
+    empty_field = select(ImageRecord.case_id).where(ImageRecord.kind == "field",
+                                                    ~exists().where(Cell.image_id == ImageRecord.id))
+    return or_(Case.id.in_(flagged_result), Case.id.in_(empty_field))
+
+
+def counted_labels(case: Case) -> dict[str, list[str]]:
+    """Per task, the label of every leukocyte of a loaded case that counts in its differential:
+    each crop and each field cell, with the reviewer's latest final label where given, else the
+    model's. Cells reviewed as :data:`EXCLUDED_LABELS`, and cells without a prediction, are
+    left out."""
+    labels: dict[str, list[str]] = {}
+    for image in case.images:
+        finals = {review.cell_id: review.final_label for review in image.reviews}
+        for prediction in image.predictions:
+            label = finals.get(prediction.cell_id, prediction.label)
+            if label not in (NO_LEUKOCYTE, *EXCLUDED_LABELS):
+                labels.setdefault(prediction.task, []).append(label)
+    return labels
 
 
 def _refuse_audit_changes(session: Session, _context, _instances) -> None:
@@ -331,7 +365,9 @@ class CaseStore:
                           weights_sha256=prediction.weights_sha256, task=prediction.task,
                           probabilities=prediction.probabilities, label=prediction.label,
                           confidence=prediction.confidence, needs_review=prediction.needs_review,
-                          cam_path=cam, mask_path=mask, latency_ms=prediction.latency_ms)
+                          cam_path=cam, mask_path=mask, latency_ms=prediction.latency_ms,
+                          shift_score=prediction.shift_score, unfamiliar=prediction.unfamiliar,
+                          not_applicable=prediction.not_applicable)
 
     def save_case(self, reference: str, created_by: str, images: list[ImageEntry], notes: str = "",
                   clinical: dict | None = None) -> int:
@@ -417,7 +453,8 @@ class CaseStore:
     def review(self, image_id: int, reviewer: str, final_label: str, comment: str = "",
                cell_id: int | None = None) -> None:
         """Confirm or reclassify an image (or one cell of a field) with a final label: a class of
-        the task its predictions are for, or :data:`NO_LEUKOCYTE` for a whole image."""
+        the task its predictions are for, :data:`NO_LEUKOCYTE` for a whole image, or one of
+        :data:`EXCLUDED_LABELS` for a cell of a field."""
 
         def work(session: Session) -> None:
             image = session.get(ImageRecord, image_id)
@@ -429,8 +466,7 @@ class CaseStore:
             if cell_id is not None and not any(c.id == cell_id for c in image.cells):
                 raise StoreError(f"cell {cell_id} is not part of image {image_id}")
             allowed = {label for prediction in image.predictions for label in get_task(prediction.task).class_ids}
-            if cell_id is None:
-                allowed.add(NO_LEUKOCYTE)
+            allowed.update([NO_LEUKOCYTE] if cell_id is None else EXCLUDED_LABELS)
             if final_label not in allowed:
                 raise StoreError(f"{final_label!r} is not a label this image can be given "
                                  f"({', '.join(sorted(allowed))})")
@@ -460,8 +496,9 @@ class CaseStore:
                 waiting.append(image.original_name)
         return waiting
 
-    def sign_off(self, case_id: int, username: str) -> None:
-        """Sign a case. Refused without the reviewer role and while any image or cell is
+    def sign_off(self, case_id: int, username: str, impression: str = "") -> None:
+        """Sign a case with the reviewer's ``impression`` (free text, printed on the report's
+        first page). Refused without the reviewer role and while any image or cell is
         unreviewed (a needs-review result counts as unreviewed until a person labels it)."""
         role = self.role_of(username)
         if role not in SIGNING_ROLES:
@@ -477,8 +514,9 @@ class CaseStore:
             if waiting:
                 raise StoreError(f"cannot sign {case.reference}: {len(waiting)} item(s) still need review "
                                  f"({', '.join(waiting[:5])}{'...' if len(waiting) > 5 else ''})")
-            session.add(SignOff(case_id=case.id, signed_by=username))
-            self._audit(session, username, "sign_off", "case", case.id, {"status": case.status}, {"status": "signed"})
+            session.add(SignOff(case_id=case.id, signed_by=username, impression=impression))
+            self._audit(session, username, "sign_off", "case", case.id, {"status": case.status},
+                        {"status": "signed", "impression": impression})
             case.status = "signed"
 
         self._write(work)
@@ -496,7 +534,8 @@ class CaseStore:
             return case
 
     def list_cases(self, filters: CaseFilter | None = None, page: int = 1, page_size: int = 50) -> tuple[list[dict], int]:
-        """One page of cases (newest first) matching the filters, and the total count."""
+        """One page of cases (newest first) matching the filters, and the total count. Each row
+        gives the case's tasks and whether it needs review (:class:`CaseFilter`'s meaning)."""
         filters = filters or CaseFilter()
         query = select(Case)
         if filters.since:
@@ -515,13 +554,7 @@ class CaseStore:
                     sub = sub.where(column == value)
             query = query.where(Case.id.in_(sub))
         if filters.needs_review is not None:
-            flagged_result = (select(ImageRecord.case_id).join(Prediction, Prediction.image_id == ImageRecord.id)
-                              .where(Prediction.needs_review.is_(True)))
-            if filters.task is not None:
-                flagged_result = flagged_result.where(Prediction.task == filters.task)
-            empty_field = select(ImageRecord.case_id).where(ImageRecord.kind == "field",
-                                                            ~exists().where(Cell.image_id == ImageRecord.id))
-            flagged = or_(Case.id.in_(flagged_result), Case.id.in_(empty_field))
+            flagged = _flagged(filters.task)
             query = query.where(flagged if filters.needs_review else not_(flagged))
         if filters.final_label is not None or filters.reviewer is not None:
             latest = select(func.max(Review.id)).group_by(Review.image_id, Review.cell_id)
@@ -536,14 +569,23 @@ class CaseStore:
             total = session.scalar(select(func.count()).select_from(query.subquery()))
             rows = session.scalars(query.order_by(Case.created_at.desc(), Case.id.desc())
                                    .offset((page - 1) * page_size).limit(page_size)).all()
+            ids = [r.id for r in rows]
             counts = dict(session.execute(select(ImageRecord.case_id, func.count()).where(
-                ImageRecord.case_id.in_([r.id for r in rows])).group_by(ImageRecord.case_id)).all())
+                ImageRecord.case_id.in_(ids)).group_by(ImageRecord.case_id)).all())
+            tasks: dict[int, list[str]] = {}
+            for case_id, task in session.execute(
+                    select(ImageRecord.case_id, Prediction.task).join(Prediction, Prediction.image_id == ImageRecord.id)
+                    .where(ImageRecord.case_id.in_(ids)).distinct().order_by(Prediction.task)):
+                tasks.setdefault(case_id, []).append(task)
+            flagged = set(session.scalars(select(Case.id).where(Case.id.in_(ids), _flagged(filters.task))))
             return [{"id": r.id, "reference": r.reference, "created_at": r.created_at, "created_by": r.created_by,
-                     "status": r.status, "images": counts.get(r.id, 0)} for r in rows], int(total)
+                     "status": r.status, "task": ", ".join(tasks.get(r.id, [])), "images": counts.get(r.id, 0),
+                     "needs_review": r.id in flagged} for r in rows], int(total)
 
     def agreement(self, model_id: str | None = None, task: str | None = None) -> dict:
         """Agreement of predictions with reviewers' latest final labels: count, accuracy,
-        Cohen's kappa and the confusion table (predicted x final) per model."""
+        Cohen's kappa and the confusion table (predicted x final) per model. Cells a reviewer
+        excluded (:data:`EXCLUDED_LABELS`) are left out: no class was there to agree with."""
         from sklearn.metrics import cohen_kappa_score
 
         with self.session() as session:
@@ -558,7 +600,7 @@ class CaseStore:
             per_model: dict[str, list[tuple[str, str]]] = {}
             for prediction in session.scalars(query):
                 final = finals.get((prediction.image_id, prediction.cell_id))
-                if final is not None:
+                if final is not None and final not in EXCLUDED_LABELS:
                     per_model.setdefault(prediction.model_id, []).append((prediction.label, final))
         out = {}
         for model, pairs in per_model.items():
