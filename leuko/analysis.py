@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from leuko.clinical import ClinicalValues, Flag, flags
+from leuko.concordance import findings
 from leuko.explain import Explainer, draw_mask_outlines, energy_inside, overlay
 from leuko.images import ImageError, ImageInput, load_image, load_mask
 from leuko.morphometrics import measure_cell, shape_measures
@@ -74,11 +75,26 @@ class AnalysisSettings:
     backend: str = "auto"
 
 
+SHIFT_WARNING = "this model has not seen images like these: check every result"
+"""What the page says of a result marked unfamiliar (issue 24), followed by its shift score."""
+
+
+@dataclass(frozen=True)
+class ResultWarning:
+    """A reason a person must look at a result: ``kind``, a few words for tables (``several
+    cells``, ``unfamiliar``...), and ``text``, the sentence the summary prints."""
+
+    kind: str
+    text: str
+
+
 @dataclass
 class CellResult:
     """One analysed cell: its box in the image (x, y, w, h pixels), crop, mask
     (0/128/255), prediction, CAM (0-1, crop-sized), its share inside the cell, morphometrics;
-    the last two are ``None`` when segmentation found no cell in a crop."""
+    the last two are ``None`` when segmentation found no cell in a crop. ``in_field``: the cell
+    was cut from a field image (its crop then holds neighbours, so its outline is not judged
+    as a view of several cells)."""
 
     index: int
     box: tuple[int, int, int, int]
@@ -89,9 +105,51 @@ class CellResult:
     cam: np.ndarray
     cam_inside_cell: float | None
     morphometrics: dict | None
+    in_field: bool = False
 
     def cam_overlay(self, opacity: float = 0.45, contours: bool = False) -> np.ndarray:
         return overlay(self.crop, self.cam, opacity=opacity, contour_mask=self.mask if contours else None)
+
+    @property
+    def warnings(self) -> list[ResultWarning]:
+        """Every reason this cell's result must be reviewed, most serious first: the question
+        does not apply, the image is unlike the training images, the confidence is below the
+        model's threshold (the predictor's flag that neither of those explains), no outline,
+        an outline of several cells, an empty attention map or attention mostly off the cell.
+        Empty: the result may be called confident. The one rule behind :attr:`needs_review`,
+        the summaries, the badges and the case table."""
+        prediction = self.prediction
+        found = []
+        if prediction.not_applicable:
+            found.append(ResultWarning("not applicable",
+                                       f"{prediction.not_applicable}: this question does not apply"))
+        if prediction.unfamiliar:
+            score = "" if prediction.shift_score is None else f" (shift score {prediction.shift_score:.2f})"
+            found.append(ResultWarning("unfamiliar", f"{SHIFT_WARNING}{score}"))
+        if prediction.needs_review and not (prediction.unfamiliar or prediction.not_applicable):
+            found.append(ResultWarning("low confidence", "the model is unsure (confidence below its review "
+                                                         "threshold)"))
+        if self.morphometrics is None:
+            found.append(ResultWarning("no outline", "segmentation found no cell outline, so no morphometrics are "
+                                                     "given; check that the crop is centred on one white cell"))
+        elif not self.in_field and (reason := merged_outline_reason(self.mask)) is not None:
+            found.append(ResultWarning("several cells", f"the cell outline {reason}: this looks like a view of "
+                                                        "several cells rather than a crop of one, so the outline, "
+                                                        "the morphometrics and the share of attention on the cell "
+                                                        "describe a merged region"))
+        elif np.isnan(self.cam_inside_cell):
+            found.append(ResultWarning("empty attention map", "the explanation map is empty for this class: it "
+                                                              "cannot show where the model looked"))
+        elif self.cam_inside_cell < OFF_CELL_ENERGY:
+            found.append(ResultWarning("attention off the cell",
+                                       f"only {self.cam_inside_cell:.0%} of the model's attention falls on the cell "
+                                       "itself; the result may rest on the background"))
+        return found
+
+    @property
+    def needs_review(self) -> bool:
+        """True when any :attr:`warnings` applies: never "Confident" beside a warning."""
+        return bool(self.warnings)
 
 
 @dataclass
@@ -115,8 +173,8 @@ class ImageAnalysis:
 
     @property
     def needs_review(self) -> bool:
-        """True when no cell was found or any cell's result is below the review threshold."""
-        return not self.cells or any(c.prediction.needs_review for c in self.cells)
+        """True when no cell was found or any cell has a warning (:attr:`CellResult.warnings`)."""
+        return not self.cells or any(c.needs_review for c in self.cells)
 
     @property
     def labels(self) -> list[str]:
@@ -136,46 +194,42 @@ class ImageAnalysis:
                  "touches_border": c.touches_border, **(c.morphometrics or {})} for c in self.cells]
 
     def summary(self) -> str:
-        """A plain-language reading of the result that says when a person must look."""
+        """A plain-language reading of the result that says when a person must look, and why."""
         lines = []
         if not self.cells:
-            lines.append("No white blood cell was found in this image, so nothing was classified. "
+            lines.append(f"{NO_CELL}, so nothing was classified. "
                          "Check that the image is a stained blood smear and that a leukocyte is in view.")
         elif self.kind == "crop":
             cell = self.cells[0]
             info = self.task.info(cell.prediction.label)
             lines.append(f"The model reads this cell as **{info.display}** with "
-                         f"{cell.prediction.confidence:.0%} confidence. {info.meaning}")
-            if cell.prediction.needs_review and cell.morphometrics is not None:
-                lines.append("**The model is unsure** (confidence below its review threshold): "
-                             "a hematologist must look at this cell before anything is concluded.")
-            if cell.morphometrics is None:
-                lines.append("**Segmentation found no cell outline in this crop**, so no morphometrics are given and "
-                             "the result is marked for review; "
-                             "check that the crop is centred on one white cell.")
-            elif (reason := merged_outline_reason(cell.mask)) is not None:
-                lines.append(f"The cell outline {reason}: this looks like a view of several cells rather than "
-                             "a crop of one, so the outline, the morphometrics and the share of attention on "
-                             "the cell describe a merged region.")
-            elif np.isnan(cell.cam_inside_cell):
-                lines.append("The explanation map is empty for this class: it cannot show where the model looked.")
-            elif cell.cam_inside_cell < OFF_CELL_ENERGY:
-                lines.append(f"Only {cell.cam_inside_cell:.0%} of the model's attention falls on the cell itself; "
-                             "the result may rest on the background and deserves extra care.")
+                         f"{percent(cell.prediction.confidence)} confidence. {info.meaning}")
+            if cell.warnings:
+                lines.append("**Marked for review**: a hematologist must look at this cell before anything is "
+                             "concluded, because " + "; and ".join(w.text for w in cell.warnings) + ".")
         else:
             cut = sum(c.touches_border for c in self.cells)
-            unsure = sum(c.prediction.needs_review for c in self.cells)
             lines.append(f"{len(self.cells)} white cell(s) found"
                          + (f", {cut} cut by the image border" if cut else "") + ".")
-            lines.append(f"Differential: {self.task.differential_text(self.labels)}.")
             blasts = self.blast_percent()
             if blasts is not None:
-                lines.append(f"Cells read as blasts: {blasts:.0f}%.")
-            if unsure:
-                lines.append(f"**{unsure} cell(s) are below the review threshold**: a hematologist must review them.")
+                lines.append(f"Cells read as blasts: {blasts:.1f}%.")
+            lines += cells_warning_lines(self.cells)
         lines += [f"CBC: {flag.describe()}" for flag in self.flags]
         lines.append("This is decision support, not a diagnosis.")
         return "\n\n".join(lines)
+
+    def rows(self) -> list[dict]:
+        """The image's lines of a run's summary table: one per cell (file, cell number, label,
+        confidence in %, review state, shift score, warnings), or one saying no cell was found."""
+        if not self.cells:
+            return [{"file": self.name, "cell": None, "label": NO_CELL, "confidence (%)": None,
+                     "review": "needs review", "shift score": "", "warnings": NO_CELL}]
+        return [{"file": self.name, "cell": c.index, "label": self.task.info(c.prediction.label).display,
+                 "confidence (%)": round(100 * c.prediction.confidence, 1),
+                 "review": "needs review" if c.needs_review else "confident",
+                 "shift score": shift_text(c.prediction), "warnings": ", ".join(w.kind for w in c.warnings)}
+                for c in self.cells]
 
     def to_entry(self, data: bytes) -> ImageEntry:
         """The case-log entry for this analysis; ``data`` is the original file's bytes."""
@@ -191,11 +245,121 @@ class ImageAnalysis:
         return entry
 
     def _prediction_entry(self, cell: CellResult) -> PredictionEntry:
+        prediction = cell.prediction
         return PredictionEntry(model_id=self.model_id, weights_sha256=self.weights_sha256, task=self.task.id,
-                               probabilities=cell.prediction.as_dict(), label=cell.prediction.label,
-                               confidence=cell.prediction.confidence, needs_review=cell.prediction.needs_review,
+                               probabilities=prediction.as_dict(), label=prediction.label,
+                               confidence=prediction.confidence, needs_review=cell.needs_review,
                                latency_ms=self.latency_ms / max(1, len(self.cells)),
-                               cam_png=png_bytes(cell.cam_overlay()), mask_png=png_bytes(cell.mask))
+                               cam_png=png_bytes(cell.cam_overlay()), mask_png=png_bytes(cell.mask),
+                               shift_score=prediction.shift_score, unfamiliar=prediction.unfamiliar,
+                               not_applicable=prediction.not_applicable)
+
+
+NO_CELL = "No white blood cell was found in this image"
+
+
+def percent(share: float) -> str:
+    """A share (0-1) as the pages print probabilities: one decimal (``87.5%``), so a heading,
+    a bar and a table round it alike."""
+    return f"{share:.1%}"
+
+
+def shift_text(prediction: Prediction) -> str:
+    """A prediction's shift score for tables: the score (higher: less like the training
+    images), ``unfamiliar`` beside it above the model's threshold, or ``not measured`` for a
+    model whose card has no shift statistics."""
+    if prediction.shift_score is None:
+        return "not measured"
+    return f"{prediction.shift_score:.2f}" + (" unfamiliar" if prediction.unfamiliar else "")
+
+
+def cells_warning_lines(cells: list[CellResult]) -> list[str]:
+    """Summary lines for a group of cells (a field, or a whole case): how many look unlike
+    the training images (with the highest shift score), how many the question does not fit
+    (per reason), and which cells need review and why."""
+    lines = []
+    unfamiliar = [c.prediction.shift_score for c in cells if c.prediction.unfamiliar]
+    if unfamiliar:
+        scores = [s for s in unfamiliar if s is not None]
+        highest = f"; highest shift score {max(scores):.2f}" if scores else ""
+        lines.append(f"**{len(unfamiliar)} of {len(cells)} cell(s) look unlike the model's training images**: "
+                     f"{SHIFT_WARNING}{highest}.")
+    reasons: dict[str, int] = {}
+    for cell in cells:
+        if cell.prediction.not_applicable:
+            reasons[cell.prediction.not_applicable] = reasons.get(cell.prediction.not_applicable, 0) + 1
+    lines += [f"**{count} cell(s): {reason}**: this question does not apply." for reason, count in reasons.items()]
+    flagged = [c for c in cells if c.needs_review]
+    if flagged:
+        listed = ", ".join(f"#{c.index} ({', '.join(w.kind for w in c.warnings)})" for c in flagged)
+        lines.append(f"**{len(flagged)} cell(s) need review** by a hematologist: {listed}.")
+    return lines
+
+
+@dataclass
+class CaseAnalysis:
+    """One run's analyses taken together as a case, as a lab counts: the differential over
+    every cell of every image (a 100- or 200-cell count across fields), the blood count
+    ``clinical`` entered with them compared with it (:mod:`leuko.concordance`), and whether a
+    person must look. ``images`` are of one task and not empty."""
+
+    images: list[ImageAnalysis]
+    clinical: ClinicalValues | None = None
+
+    @property
+    def task(self) -> Task:
+        return self.images[0].task
+
+    @property
+    def cells(self) -> list[CellResult]:
+        return [cell for image in self.images for cell in image.cells]
+
+    @property
+    def labels(self) -> list[str]:
+        """The predicted class id of every cell of every image."""
+        return [label for image in self.images for label in image.labels]
+
+    def differential(self) -> list[dict]:
+        """Per class: count and percentage of all the case's cells."""
+        return self.task.differential(self.labels)
+
+    def blast_percent(self) -> float | None:
+        """Share (%) of all the case's cells read as blasts, for tasks with blast classes."""
+        return self.task.blast_percent(self.labels)
+
+    def findings(self) -> list[str]:
+        """Where the blood count and the case's cells disagree (empty: they agree, or no count)."""
+        return findings(self.task.id, self.labels, self.clinical)
+
+    @property
+    def needs_review(self) -> bool:
+        """True when any image needs review or the blood count and the images disagree."""
+        return any(image.needs_review for image in self.images) or bool(self.findings())
+
+    def rows(self) -> list[dict]:
+        """The summary table: every cell of every image (:meth:`ImageAnalysis.rows`)."""
+        return [row for image in self.images for row in image.rows()]
+
+    def summary(self) -> str:
+        """The case in plain language: what was counted, blasts, disagreements with the blood
+        count, images unlike the training images, and what needs review."""
+        cells = self.cells
+        lines = [f"{len(self.images)} image(s), {len(cells)} white cell(s) counted."]
+        labels = self.labels
+        blasts = self.task.blast_count(labels)
+        if blasts is not None and labels:
+            lines.append(f"Cells read as blasts: {blasts} of {len(labels)} ({self.blast_percent():.1f}%).")
+        found = self.findings()
+        if found:
+            lines.append("**The blood count and the images disagree**, so the case needs review: " + " ".join(found))
+        empty = [image.name for image in self.images if not image.cells]
+        if empty:
+            lines.append(f"**No white blood cell was found in {len(empty)} image(s)**: {', '.join(empty)}.")
+        lines += cells_warning_lines(cells)
+        if not self.needs_review:
+            lines.append("No result is marked for review.")
+        lines.append("This is decision support, not a diagnosis.")
+        return "\n\n".join(lines)
 
 
 MASK_COLOURS = {128: (80, 200, 255), 255: (150, 30, 200)}
@@ -218,7 +382,7 @@ def boxes_overlay(analysis: "ImageAnalysis") -> np.ndarray:
     thickness = max(2, min(drawn.shape[:2]) // 300)
     for cell in analysis.cells:
         x, y, w, h = cell.box
-        colour = (220, 30, 30) if cell.prediction.needs_review else (20, 160, 60)
+        colour = (220, 30, 30) if cell.needs_review else (20, 160, 60)
         cv2.rectangle(drawn, (x, y), (x + w, y + h), colour, thickness)
         cv2.putText(drawn, str(cell.index), (x + 4, y + 10 * thickness), cv2.FONT_HERSHEY_SIMPLEX,
                     thickness / 3, colour, thickness)
@@ -335,12 +499,10 @@ class Analyzer:
         cells = []
         for index, (cell, prediction, cam) in enumerate(zip(segmented.cells, predictions, cams), start=1):
             segmented_cell = bool(cell.mask.any())
-            if not segmented_cell:
-                prediction = replace(prediction, needs_review=True)
             measures = measure_cell(cell.mask, cell.crop, pixel_size_um).as_dict() if segmented_cell else None
             inside = energy_inside(cam, cell.mask) if segmented_cell else None
             cells.append(CellResult(index, cell.box, cell.touches_border, cell.crop, cell.mask, prediction,
-                                    cam, inside, measures))
+                                    cam, inside, measures, in_field=segmented.kind == "field"))
         card = self.predictor.card
         return ImageAnalysis(name=name, rgb=rgb, kind=segmented.kind, task=self.predictor.task, model_id=card.id,
                              weights_sha256=card.weights_sha256, cam_method=method,

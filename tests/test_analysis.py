@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leuko.analysis import AnalysisSettings, Analyzer, boxes_overlay, mask_overlay, png_bytes
+from leuko.analysis import (AnalysisSettings, Analyzer, CaseAnalysis, CellResult, ImageAnalysis, boxes_overlay,
+                            mask_overlay, png_bytes)
 from leuko.bench import sample_field
 from leuko.clinical import ClinicalValueError, ClinicalValues
+from leuko.concordance import findings
 from leuko.images import ImageError
+from leuko.predict import Prediction
 from leuko.store import CaseStore
 from leuko.store.export import case_pdf, measures_line
+from leuko.tasks import get_task
 from tests.test_segment import stained_cell
 
 
@@ -82,8 +86,9 @@ def test_a_blank_crop_is_refused_and_one_without_an_outline_is_classified_for_re
     smear = np.clip(np.random.default_rng(0).normal((236, 214, 220), 12, (120, 120, 3)), 0, 255).astype(np.uint8)
     result = analyzer.analyze(smear, "no-outline.png")
     assert len(result.cells) == 1 and result.cells[0].morphometrics is None
-    assert result.cells[0].prediction.needs_review and result.needs_review
-    assert "no cell outline" in result.summary() and "marked for review" in result.summary()
+    assert result.cells[0].needs_review and result.needs_review
+    assert "no cell outline" in result.summary() and "Marked for review" in result.summary()
+    assert "no outline" in [w.kind for w in result.cells[0].warnings]
 
 
 def test_an_outline_covering_most_of_a_crop_is_called_a_merged_region(analyzer):
@@ -180,3 +185,126 @@ def test_a_saved_mask_is_shown_over_its_crop_for_reviewers(tmp_path):
     Image.fromarray(mask[:50]).save(tmp_path / "other.png")
     assert saved_mask_overlay(tmp_path / "crop.png", tmp_path / "other.png") is None
     assert saved_mask_overlay(tmp_path / "crop.png", tmp_path / "missing.png") is None
+
+
+def _prediction(label: str = "normal", confidence: float = 0.97, **fields) -> Prediction:
+    """An all_binary prediction built by hand, as the Predictor would give it."""
+    probabilities = np.array([1 - confidence, confidence]) if label == "normal" else np.array([confidence, 1 - confidence])
+    return Prediction(["ALL", "normal"], probabilities, fields.pop("needs_review", False), **fields)
+
+
+def _cell(prediction: Prediction, index: int = 1, mask: np.ndarray | None = None, inside: float | None = 0.9,
+          outlined: bool = True, in_field: bool = False) -> CellResult:
+    """A 100 px crop holding one round cell (or the given mask) with that prediction."""
+    if mask is None:
+        mask = np.zeros((100, 100), np.uint8)
+        cv2.circle(mask, (50, 50), 25, 128, -1)
+        cv2.circle(mask, (50, 50), 14, 255, -1)
+    crop = np.full((100, 100, 3), 220, np.uint8)
+    return CellResult(index, (0, 0, 100, 100), False, crop, mask if outlined else np.zeros_like(mask), prediction,
+                      np.zeros((100, 100), np.float32), inside if outlined else None,
+                      {"cell_area_px": 1963.0} if outlined else None, in_field=in_field)
+
+
+def _image(cells: list[CellResult], name: str = "cell.png", kind: str = "crop") -> ImageAnalysis:
+    return ImageAnalysis(name=name, rgb=np.full((100, 100, 3), 220, np.uint8), kind=kind, task=get_task("all_binary"),
+                         model_id="m", weights_sha256="0" * 64, cam_method="gradcam",
+                         mask=np.zeros((100, 100), np.uint8), cells=cells, review_threshold=0.9)
+
+
+def _merged_mask() -> np.ndarray:
+    mask = np.full((100, 100), 128, np.uint8)
+    mask[:10] = 0
+    return mask
+
+
+WARNING_KINDS = {
+    "not applicable": dict(prediction=_prediction(needs_review=True, not_applicable="not a lymphocyte")),
+    "unfamiliar": dict(prediction=_prediction(needs_review=True, shift_score=7.25, unfamiliar=True)),
+    "low confidence": dict(prediction=_prediction(confidence=0.62, needs_review=True)),
+    "no outline": dict(prediction=_prediction(), outlined=False),
+    "several cells": dict(prediction=_prediction(), mask=_merged_mask()),
+    "empty attention map": dict(prediction=_prediction(), inside=float("nan")),
+    "attention off the cell": dict(prediction=_prediction(), inside=0.3),
+}
+
+
+@pytest.mark.parametrize("kind", WARNING_KINDS)
+def test_every_warning_takes_confident_away_and_marks_the_result_for_review(kind):
+    """The 'Confident' badge sat beside the page's own warning that a crop held several
+    cells: the cell's warnings now decide its review state, its summary, its table row, its
+    box colour and what is saved."""
+    cell = _cell(**WARNING_KINDS[kind])
+    analysis = _image([cell])
+    assert [w.kind for w in cell.warnings] == [kind]
+    assert cell.needs_review and analysis.needs_review
+    assert cell.warnings[0].text in analysis.summary() and "Marked for review" in analysis.summary()
+    assert analysis.rows()[0]["review"] == "needs review" and analysis.rows()[0]["warnings"] == kind
+    assert analysis.to_entry(b"png").prediction.needs_review
+    field = _image([replace(cell, in_field=kind != "several cells")], kind="field")
+    assert tuple(boxes_overlay(field)[0, 50]) == (220, 30, 30)
+
+
+def test_a_cell_without_warnings_is_confident():
+    cell = _cell(_prediction())
+    analysis = _image([cell])
+    assert cell.warnings == [] and not cell.needs_review and not analysis.needs_review
+    assert "Marked for review" not in analysis.summary() and analysis.rows()[0]["review"] == "confident"
+    assert analysis.rows()[0]["shift score"] == "not measured"
+    assert not analysis.to_entry(b"png").prediction.needs_review
+    assert tuple(boxes_overlay(_image([replace(cell, in_field=True)], kind="field"))[0, 50]) == (20, 160, 60)
+
+
+def test_a_field_cell_is_not_called_several_cells_for_its_neighbours():
+    cell = _cell(_prediction(), mask=_merged_mask(), in_field=True)
+    assert cell.warnings == []
+
+
+def test_an_unfamiliar_field_says_so_with_its_highest_score():
+    cells = [_cell(_prediction(), 1, in_field=True),
+             _cell(_prediction(needs_review=True, shift_score=6.5, unfamiliar=True), 2, in_field=True),
+             _cell(_prediction(needs_review=True, shift_score=9.125, unfamiliar=True), 3, in_field=True),
+             _cell(_prediction(needs_review=True, not_applicable="not a lymphocyte"), 4, in_field=True)]
+    summary = _image(cells, "field.png", "field").summary()
+    assert ("2 of 4 cell(s) look unlike the model's training images**: this model has not seen images like these: "
+            "check every result; highest shift score 9.12") in summary
+    assert "1 cell(s): not a lymphocyte**: this question does not apply" in summary
+    assert "3 cell(s) need review** by a hematologist: #2 (unfamiliar), #3 (unfamiliar), #4 (not applicable)" in summary
+
+
+def test_to_entry_carries_the_shift_fields():
+    measured = _image([_cell(_prediction(needs_review=True, shift_score=7.25, unfamiliar=True,
+                                         not_applicable="not a lymphocyte"))])
+    entry = measured.to_entry(b"png").prediction
+    assert (entry.shift_score, entry.unfamiliar, entry.not_applicable) == (7.25, True, "not a lymphocyte")
+    field = _image([_cell(_prediction(shift_score=1.5), in_field=True)], kind="field").to_entry(b"png")
+    assert (field.cells[0].prediction.shift_score, field.cells[0].prediction.unfamiliar) == (1.5, False)
+    unmeasured = _image([_cell(_prediction())]).to_entry(b"png").prediction
+    assert unmeasured.shift_score is None and unmeasured.not_applicable is None
+
+
+def test_the_case_differential_sums_over_all_its_images():
+    first = _image([_cell(_prediction("ALL"), 1, in_field=True), _cell(_prediction("normal"), 2, in_field=True),
+                    _cell(_prediction("normal"), 3, in_field=True)], "field-1.png", "field")
+    second = _image([_cell(_prediction("ALL"), 1, in_field=True)], "field-2.png", "field")
+    empty = _image([], "empty.png", "field")
+    case = CaseAnalysis([first, second, empty])
+    assert [(r["class"], r["cells"], r["percent"]) for r in case.differential()] == [
+        ("ALL blast", 2, 50.0), ("Normal lymphocyte", 2, 50.0)]
+    assert case.blast_percent() == 50.0
+    assert [(r["file"], r["cell"]) for r in case.rows()] == [
+        ("field-1.png", 1), ("field-1.png", 2), ("field-1.png", 3), ("field-2.png", 1), ("empty.png", None)]
+    summary = case.summary()
+    assert "3 image(s), 4 white cell(s) counted" in summary and "Cells read as blasts: 2 of 4 (50.0%)" in summary
+    assert "No white blood cell was found in 1 image(s)**: empty.png" in summary
+    assert case.needs_review
+    assert not CaseAnalysis([first, second]).needs_review
+
+
+def test_a_case_whose_blood_count_disagrees_with_its_images_needs_review():
+    normal = _image([_cell(_prediction("normal"))])
+    assert not CaseAnalysis([normal], ClinicalValues(blasts_pct=0.0)).needs_review
+    case = CaseAnalysis([normal], ClinicalValues(blasts_pct=60.0))
+    assert case.findings() == findings("all_binary", ["normal"], ClinicalValues(blasts_pct=60.0)) != []
+    assert case.needs_review and not normal.needs_review
+    assert "**The blood count and the images disagree**" in case.summary() and case.findings()[0] in case.summary()
