@@ -376,17 +376,22 @@ def mask_overlay(rgb: np.ndarray, mask: np.ndarray, opacity: float = 0.45) -> np
     return draw_mask_outlines(blended, mask, nucleus_colour=(40, 0, 60), sides_per_line=200)
 
 
-def boxes_overlay(analysis: "ImageAnalysis") -> np.ndarray:
-    """A field image with each found cell's box and number; red boxes need review."""
-    drawn = analysis.rgb.copy()
+def numbered_boxes(rgb: np.ndarray, cells: list[tuple[int, tuple[int, int, int, int], bool]]) -> np.ndarray:
+    """``rgb`` with each cell's box (x, y, width, height in pixels) and number drawn, red where
+    the cell needs review and green otherwise; ``cells`` holds (number, box, needs review)."""
+    drawn = rgb.copy()
     thickness = max(2, min(drawn.shape[:2]) // 300)
-    for cell in analysis.cells:
-        x, y, w, h = cell.box
-        colour = (220, 30, 30) if cell.needs_review else (20, 160, 60)
+    for index, (x, y, w, h), needs_review in cells:
+        colour = (220, 30, 30) if needs_review else (20, 160, 60)
         cv2.rectangle(drawn, (x, y), (x + w, y + h), colour, thickness)
-        cv2.putText(drawn, str(cell.index), (x + 4, y + 10 * thickness), cv2.FONT_HERSHEY_SIMPLEX,
+        cv2.putText(drawn, str(index), (x + 4, y + 10 * thickness), cv2.FONT_HERSHEY_SIMPLEX,
                     thickness / 3, colour, thickness)
     return drawn
+
+
+def boxes_overlay(analysis: ImageAnalysis) -> np.ndarray:
+    """A field image with each found cell's box and number; red boxes need review."""
+    return numbered_boxes(analysis.rgb, [(c.index, c.box, c.needs_review) for c in analysis.cells])
 
 
 def saved_mask_overlay(original: Path, mask: Path) -> bytes | None:
