@@ -39,6 +39,18 @@ def jobs_dir() -> Path:
     return leuko_home() / "jobs"
 
 
+@dataclass(frozen=True)
+class JobProgress:
+    """Where a job is: the share of its planned training steps done (0-1), the epoch in
+    training of how many (0: not known yet) and the estimated seconds left (``None``: not
+    known yet)."""
+
+    fraction: float
+    epoch: int = 0
+    epochs: int = 0
+    eta_s: float | None = None
+
+
 @dataclass
 class Job:
     """One training job, read from its folder."""
@@ -74,16 +86,26 @@ class Job:
         """Per finished epoch: epoch number and its train/validation figures."""
         return [{"epoch": e["epoch"], **e["metrics"]} for e in self.events() if e["kind"] == "epoch"]
 
-    def fraction_done(self) -> float:
-        """Share of the planned training steps done, 0-1 (1 once the job has ended)."""
+    def progress(self) -> JobProgress:
+        """How far the training is (:class:`JobProgress`), from its last step or epoch event;
+        done (fraction 1) once the job has ended. The time left is the training's own
+        estimate at an epoch's end, else the elapsed time scaled by the share still to do."""
         if self.state() != "running":
-            return 1.0
+            return JobProgress(1.0)
         steps = [e for e in self.events() if e["kind"] in ("step", "epoch") and e.get("epochs")]
         if not steps:
-            return 0.0
+            return JobProgress(0.0)
         last = steps[-1]
         within = last["step"] / last["steps"] if last["kind"] == "step" and last.get("steps") else 1.0
-        return min(1.0, (last["epoch"] - 1 + within) / last["epochs"])
+        fraction = min(1.0, (last["epoch"] - 1 + within) / last["epochs"])
+        eta = last.get("eta_s")
+        if eta is None and fraction > 0 and last.get("elapsed_s"):
+            eta = last["elapsed_s"] * (1 - fraction) / fraction
+        return JobProgress(fraction, last["epoch"], last["epochs"], eta)
+
+    def fraction_done(self) -> float:
+        """Share of the planned training steps done, 0-1 (1 once the job has ended)."""
+        return self.progress().fraction
 
     def exit_code(self) -> int | None:
         path = self.folder / "exit_code"

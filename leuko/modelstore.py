@@ -343,6 +343,80 @@ class ModelStore:
         return LoadedModel(card, network.eval())
 
 
+COMPARED_METRICS = (("accuracy", "Accuracy", True), ("balanced_accuracy", "Balanced accuracy", True),
+                    ("ece", "Calibration error (ECE)", False))
+"""Test figures a model is compared on before it replaces its task's default: key in the
+card's ``metrics["test"]``, name, and whether higher is better."""
+
+
+@dataclass
+class DefaultComparison:
+    """A model beside its task's default on their test splits. ``refusal`` says why it may not
+    be made the default from its evaluation (the test sets differ or it is smaller: the
+    figures cannot be compared), ``worse`` names the figures on which it is worse than the
+    default (making it the default then needs an explicit confirmation). ``default`` is
+    ``None`` when the model is the default itself."""
+
+    model: ModelCard
+    default: ModelCard | None
+    refusal: str | None = None
+    worse: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """One row per compared figure: its name, this model's and the default's value."""
+        mine = self.model.metrics.get("test") or {}
+        theirs = (self.default.metrics.get("test") or {}) if self.default else {}
+        return [{"figure": name, self.model.id: mine.get(key), **({self.default.id: theirs.get(key)}
+                                                                   if self.default else {})}
+                for key, name, _ in [("n", "Test images", True), *COMPARED_METRICS]]
+
+
+def _test_set(card: ModelCard) -> dict:
+    """What identifies the test split a card's figures come from: the data's source, the
+    manifest's digest, the datasets kept, and the images per class in ``test``."""
+    return {"source": card.data.get("source"), "manifest": card.data.get("manifest_sha256"),
+            "datasets": card.data.get("datasets"), "test": (card.data.get("split_sizes") or {}).get("test")}
+
+
+def _test_set_refusal(model: ModelCard, default: ModelCard) -> str | None:
+    """Why ``model``'s test figures cannot be set beside ``default``'s, or ``None``."""
+    mine, theirs = model.metrics.get("test") or {}, default.metrics.get("test") or {}
+    if "n" not in mine or "n" not in theirs:
+        missing = model.id if "n" not in mine else default.id
+        return f"{missing} has no test figures to compare with"
+    if mine["n"] < theirs["n"]:
+        return (f"its test set is smaller than the default's ({mine['n']} images against {theirs['n']} for "
+                f"{default.id}), so its figures are less certain")
+    ours, other = _test_set(model), _test_set(default)
+    differences = [f"{what} {ours[key]} against {other[key]}" for key, what in
+                   (("source", "data"), ("datasets", "datasets"), ("test", "test images per class"))
+                   if ours[key] != other[key]]
+    if ours["manifest"] != other["manifest"]:
+        differences.append(f"manifest version {str(ours['manifest'])[:12]} against {str(other['manifest'])[:12]}")
+    if differences:
+        return (f"its test set is not the default's ({'; '.join(differences)}), so their figures cannot be "
+                f"compared: evaluate both on the same split (python -m leuko evaluate) or choose the default "
+                f"on the Models page")
+    return None
+
+
+def compare_with_default(store: ModelStore, model_id: str) -> DefaultComparison:
+    """``model_id`` beside its task's current default (:class:`DefaultComparison`), from their
+    cards' test figures. Raises :class:`ModelNotFoundError` or :class:`ModelIntegrityError`
+    when the model's card cannot be read."""
+    model, _ = store.locate(model_id)
+    default_id = store.default_id(model.task)
+    if default_id == model.id:
+        return DefaultComparison(model, None)
+    default, _ = store.locate(default_id)
+    refusal = _test_set_refusal(model, default)
+    mine, theirs = model.metrics.get("test") or {}, default.metrics.get("test") or {}
+    worse = [name for key, name, higher in COMPARED_METRICS
+             if mine.get(key) is not None and theirs.get(key) is not None
+             and (mine[key] < theirs[key] if higher else mine[key] > theirs[key])]
+    return DefaultComparison(model, default, refusal, worse)
+
+
 def _checked_card(path: Path) -> tuple[ModelCard | None, str | None]:
     """(the card at ``path``, None) when it is readable and names itself by the file's stem,
     else (None, why not)."""

@@ -2,17 +2,20 @@
 model ids, training on reviewed cases, and a job stopped before it trained anything."""
 
 import json
+import shutil
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from leuko.calibration import calibrated_probabilities
 from leuko.evaluate import metrics_from_logits, write_report
 from leuko.jobs import list_jobs
 from leuko.metrics import reliability_curve, roc_pr_curves
 from leuko.modelstore import ModelStore
+from leuko.paths import REPO_ROOT
 from leuko.progress import ProgressEvent
 from leuko.store import CaseStore
 from tests.test_pages import as_read, page
@@ -78,15 +81,67 @@ def test_only_a_signed_in_user_may_stop_or_cancel_a_job(leuko_home):
         process.wait()
 
 
-def test_only_a_reviewer_may_make_a_trained_model_the_default(leuko_home):
+def test_only_a_reviewer_may_make_a_trained_model_the_default_and_a_worse_one_only_when_confirmed(leuko_home):
+    """The simulated fusion model was tested on the default's 26 images: 0.96 accuracy against
+    1.00. It is shown beside the default, and making it the default needs a tick first."""
     _job(leuko_home, "all_binary-finished", reported_model=OTHER_ALL_MODEL)
     for user in (None, ANALYST):
         app = page("3_Train.py", user)
         assert not app.exception and MAKE_DEFAULT not in _labels(app)
         assert any("as a reviewer or admin" in c.value for c in app.caption)
     app = page("3_Train.py", REVIEWER)
+    table = app.dataframe[-1].value
+    assert list(table.columns) == ["figure", OTHER_ALL_MODEL, "all_binary-lite0"]
+    assert table.set_index("figure").loc["Accuracy", "all_binary-lite0"] == 1.0
+    assert "worse than the default on: accuracy, balanced accuracy" in app.warning[0].value
+    assert next(b for b in app.button if b.label == MAKE_DEFAULT).disabled
+    next(c for c in app.checkbox if c.label.startswith("I have compared them")).check().run()
     next(b for b in app.button if b.label == MAKE_DEFAULT).click().run()
     assert ModelStore().default_id("all_binary") == OTHER_ALL_MODEL
+
+
+def _registered_copy(home: Path, model_id: str, test_images: int, manifest: str | None = None) -> None:
+    """The simulated fusion model registered again as ``model_id`` in the user's models
+    folder, its card claiming ``test_images`` test images (and another manifest digest)."""
+    shipped = Path(REPO_ROOT / "models")
+    folder = home / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    card = json.loads((shipped / f"{OTHER_ALL_MODEL}.json").read_text())
+    card["id"], card["default"] = model_id, False
+    card["metrics"]["test"]["n"] = test_images
+    card["data"]["split_sizes"]["test"] = {"ALL": test_images // 2, "normal": test_images - test_images // 2}
+    if manifest:
+        card["data"]["manifest_sha256"] = manifest
+    (folder / f"{model_id}.json").write_text(json.dumps(card))
+    shutil.copyfile(shipped / f"{OTHER_ALL_MODEL}.safetensors", folder / f"{model_id}.safetensors")
+
+
+@pytest.mark.parametrize("test_images, manifest, reason", [
+    (8, None, "its test set is smaller than the default's (8 images against 26 for all_binary-lite0)"),
+    (26, "0" * 64, "its test set is not the default's (manifest version 000000000000 against 579962f899cc)"),
+])
+def test_a_model_tested_on_fewer_or_other_images_cannot_be_made_the_default(leuko_home, test_images, manifest,
+                                                                            reason):
+    _registered_copy(leuko_home, "all_binary-candidate", test_images, manifest)
+    _job(leuko_home, "all_binary-candidate-job", reported_model="all_binary-candidate")
+    app = page("3_Train.py", REVIEWER)
+    assert not app.exception and MAKE_DEFAULT not in _labels(app)
+    assert reason in as_read(app.error[0].value)
+    assert ModelStore().default_id("all_binary") == "all_binary-lite0"
+
+
+def test_a_running_job_shows_its_epoch_and_time_left(leuko_home):
+    process = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        folder = _job(leuko_home, "all_binary-running", exit_code=None, pid=process.pid)
+        step = ProgressEvent("step", epoch=2, epochs=5, step=5, steps=10, loss=0.5, elapsed_s=60.0)
+        (folder / "events.jsonl").write_text(json.dumps(asdict(step)) + "\n")
+        app = page("3_Train.py")
+        bar = app.get("progress")[0].proto
+        assert bar.value == 30 and bar.text == "all_binary-running: epoch 2 of 5, about 2 min left"
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_the_default_models_are_read_only_unless_a_reviewer_is_signed_in(leuko_home):

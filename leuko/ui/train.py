@@ -10,8 +10,8 @@ import pandas as pd
 import streamlit as st
 
 from leuko.config import OPTIMIZERS, TrainConfig
-from leuko.jobs import Job, list_jobs, start_training
-from leuko.modelstore import ModelStore
+from leuko.jobs import Job, JobProgress, list_jobs, start_training
+from leuko.modelstore import ModelIntegrityError, ModelNotFoundError, ModelStore, compare_with_default
 from leuko.nets import ARCHITECTURES
 from leuko.paths import REPO_ROOT, default_data_root
 from leuko.preprocess import PreprocessConfig
@@ -162,7 +162,8 @@ def job_view() -> None:
         return
     user = current_user()
     state = job.state()
-    st.progress(job.fraction_done(), text=f"{job.id}: {state}")
+    progress = job.progress()
+    st.progress(progress.fraction, text=_progress_text(job.id, state, progress))
     history = job.history()
     if history:
         st.plotly_chart(training_curves(history), key=f"curves_{job.id}_{len(history)}")
@@ -186,6 +187,25 @@ def job_view() -> None:
         st.error(f"The job {state}. The end of its log says why.")
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` as people say it: "40 s", "12 min", "1 h 05 min"."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _progress_text(job_id: str, state: str, progress: JobProgress) -> str:
+    """The progress bar's words: the job, its state and, while it trains, the epoch and the
+    time left."""
+    if state != "running":
+        return f"{job_id}: {state}"
+    if not progress.epochs:
+        return f"{job_id}: starting"
+    left = f", about {_duration(progress.eta_s)} left" if progress.eta_s is not None else ""
+    return f"{job_id}: epoch {progress.epoch} of {progress.epochs}{left}"
+
+
 def job_evaluation(job: Job, user: dict | None) -> None:
     """The registered model's test evaluation and, for a ``user`` who may change the default
     model (a signed-in reviewer or admin), a button to make it the task's default."""
@@ -200,8 +220,36 @@ def job_evaluation(job: Job, user: dict | None) -> None:
     left, right = st.columns(2)
     left.plotly_chart(confusion_heatmap(metrics["confusion_matrix"], metrics["classes"]), key=f"cm_{job.id}")
     right.image([str(job.report_dir / f"{name}.png") for name in ("roc", "pr", "reliability")], width=260)
+    default_guard(report["model"], user, job.id)
+
+
+def default_guard(model_id: str, user: dict | None, key: str) -> None:
+    """The model beside its task's default on the test split, and "make it the default" for a
+    ``user`` who may change it (:func:`may_change_default`): refused, with the reason, when the
+    test sets differ or the model's is smaller; behind an explicit confirmation when the model
+    is worse on any compared figure."""
+    store = ModelStore()
+    try:
+        comparison = compare_with_default(store, model_id)
+    except (ModelNotFoundError, ModelIntegrityError) as exc:
+        st.error(f"The registered model cannot be compared with the default: {plain(exc)}")
+        return
+    if comparison.default is None:
+        st.success(f"{plain(model_id)} is the default model for {comparison.model.task}.")
+        return
+    st.markdown(f"**Beside the current default {plain(comparison.default.id)}** (test split)")
+    st.dataframe(pd.DataFrame(comparison.rows()), hide_index=True)
     if not may_change_default(user):
         st.caption("Sign in (sidebar) as a reviewer or admin to make it the default model for its task.")
-    elif st.button("Make it the default model for its task"):
-        done, message = make_default(ModelStore(), report["task"], report["model"])
-        (st.success if done else st.error)(message)
+        return
+    if comparison.refusal:
+        st.error(f"It cannot be made the default here: {plain(comparison.refusal)}.")
+        return
+    confirmed = True
+    if comparison.worse:
+        st.warning(f"This model is worse than the default on: {', '.join(comparison.worse).lower()}.")
+        confirmed = st.checkbox("I have compared them and want this worse model as the default",
+                                key=f"confirm_worse_{key}")
+    if st.button("Make it the default model for its task", disabled=not confirmed):
+        done, message = make_default(store, comparison.model.task, model_id)
+        (st.success if done else st.error)(plain(message))
