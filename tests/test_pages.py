@@ -393,3 +393,59 @@ def test_a_single_picked_date_shows_that_days_cases(leuko_home, accounts):
     assert any("No case matches" in i.value for i in app.info)
     app.date_input[0].set_value((today,)).run()
     assert list(app.dataframe[0].value["reference"]) == ["TODAY"]
+
+
+def _field_case(leuko_home, notes: str = "", unfamiliar: bool = False) -> None:
+    """A case of one 300x160 field with three cells read as ALL (the second and third are a
+    lobe of the first and a platelet), the first measured without a pixel size."""
+    from leuko.store import CellEntry
+
+    def found(shift: float) -> PredictionEntry:
+        return PredictionEntry("m", "0" * 64, "all_binary", {"ALL": 0.9, "normal": 0.1}, "ALL", 0.9, unfamiliar, 5.0,
+                               shift_score=shift, unfamiliar=unfamiliar and shift > 5)
+
+    crop = png_bytes(stained_cell(60, 25, 15))
+    cells = [CellEntry((10 + 100 * k, 40, 60, 60), False, crop, {"nucleus_area_px": 700, "nc_ratio": 0.6} if k == 0
+                       else None, found(7.25 if k == 0 else 1.5)) for k in range(3)]
+    field = ImageEntry(png_bytes(stained_cell(300, 60, 30)[:160]), "field.png", 300, 160, "field", cells=cells)
+    store = CaseStore(home=leuko_home)
+    store.save_case("FIELD", "ann", [field], notes=notes)
+    store.close()
+
+
+def test_field_cells_marked_duplicate_or_not_a_leukocyte_leave_the_case_differential(leuko_home, accounts):
+    _field_case(leuko_home)
+    app = page("2_Cases.py", accounts["rita"])
+    assert not app.exception
+    assert list(app.dataframe[0].value.columns[-3:]) == ["task", "images", "needs_review"]
+    assert app.dataframe[0].value["task"][0] == "all_binary"
+    assert app.dataframe[1].value["Cells"].tolist() == [3, 0]
+    assert "Cells found, numbered (red: flagged by the model)" in app.get("image")[0].proto.imgs[0].caption
+    assert "Nucleus area (px², no pixel size given)" in app.dataframe[2].value.columns
+    for number, label in ((1, "ALL"), (2, "duplicate"), (3, "not a leukocyte")):
+        next(s for s in app.selectbox if s.label == f"Cell #{number}").set_value(label)
+    next(b for b in app.button if b.label == "Confirm or reclassify").click().run()
+    assert not app.exception and [as_read(s.value) for s in app.success] == ["Review saved: 3 label(s) of field.png."]
+    assert app.dataframe[1].value["Cells"].tolist() == [1, 0]
+    assert any(m.value == "Blasts: 1 of 1 cells (100.0%)." for m in app.markdown)
+    next(t for t in app.text_area if t.label == "Impression").input("Blasts present.\nRefer for flow cytometry.")
+    next(b for b in app.button if b.label == "Sign off this case").click().run()
+    assert not app.error and "signed" in app.subheader[0].value
+    assert any(m.value == "Impression: Blasts present\\.  \nRefer for flow cytometry\\." for m in app.markdown)
+    store = CaseStore(home=leuko_home)
+    case = store.case(1)
+    store.close()
+    assert sorted(r.final_label for r in case.images[0].reviews) == ["ALL", "duplicate", "not a leukocyte"]
+    assert case.sign_off.impression == "Blasts present.\nRefer for flow cytometry."
+
+
+def test_a_case_with_unfamiliar_images_says_so_with_the_score_and_keeps_the_notes_lines(leuko_home, accounts):
+    _field_case(leuko_home, notes="Smear from ward 3.\nPoor staining.", unfamiliar=True)
+    app = page("2_Cases.py", accounts["rita"])
+    assert not app.exception
+    warnings = [w.value for w in app.warning]
+    assert ("This model has not seen images like these: check every result (1 of 3 result(s) marked unfamiliar; "
+            "highest shift score 7.25).") in warnings
+    assert any(w.startswith("This model has not seen images like these") and "1 of 3 cell\\(s\\) unfamiliar" in w
+               for w in warnings)
+    assert "Notes: Smear from ward 3\\.  \nPoor staining\\." in [m.value for m in app.markdown]
