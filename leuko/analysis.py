@@ -214,7 +214,11 @@ class ImageAnalysis:
             blasts = self.blast_percent()
             if blasts is not None:
                 lines.append(f"Cells read as blasts: {blasts:.1f}%.")
-            lines += cells_warning_lines(self.cells)
+            lines += shift_lines(self.cells)
+            flagged = [c for c in self.cells if c.needs_review]
+            if flagged:
+                listed = ", ".join(f"#{c.index} ({', '.join(w.kind for w in c.warnings)})" for c in flagged)
+                lines.append(f"**{len(flagged)} cell(s) need review** by a hematologist: {listed}.")
         lines += [f"CBC: {flag.describe()}" for flag in self.flags]
         lines.append("This is decision support, not a diagnosis.")
         return "\n\n".join(lines)
@@ -273,26 +277,24 @@ def shift_text(prediction: Prediction) -> str:
     return f"{prediction.shift_score:.2f}" + (" unfamiliar" if prediction.unfamiliar else "")
 
 
-def cells_warning_lines(cells: list[CellResult]) -> list[str]:
-    """Summary lines for a group of cells (a field, or a whole case): how many look unlike
-    the training images (with the highest shift score), how many the question does not fit
-    (per reason), and which cells need review and why."""
+def shift_lines(cells: list[CellResult]) -> list[str]:
+    """What the page says up front of a crop, a field or a whole case: how many cells look
+    unlike the model's training images (with the highest shift score), and how many the
+    task's question does not fit, per reason; empty when neither applies."""
     lines = []
     unfamiliar = [c.prediction.shift_score for c in cells if c.prediction.unfamiliar]
     if unfamiliar:
-        scores = [s for s in unfamiliar if s is not None]
-        highest = f"; highest shift score {max(scores):.2f}" if scores else ""
-        lines.append(f"**{len(unfamiliar)} of {len(cells)} cell(s) look unlike the model's training images**: "
-                     f"{SHIFT_WARNING}{highest}.")
+        scores = [score for score in unfamiliar if score is not None]
+        highest = f" (highest shift score {max(scores):.2f})" if scores else ""
+        which = "This image looks" if len(cells) == 1 else f"{len(unfamiliar)} of {len(cells)} cells look"
+        lines.append(f"**{which} unlike the model's training images**: {SHIFT_WARNING}{highest}.")
     reasons: dict[str, int] = {}
     for cell in cells:
         if cell.prediction.not_applicable:
             reasons[cell.prediction.not_applicable] = reasons.get(cell.prediction.not_applicable, 0) + 1
-    lines += [f"**{count} cell(s): {reason}**: this question does not apply." for reason, count in reasons.items()]
-    flagged = [c for c in cells if c.needs_review]
-    if flagged:
-        listed = ", ".join(f"#{c.index} ({', '.join(w.kind for w in c.warnings)})" for c in flagged)
-        lines.append(f"**{len(flagged)} cell(s) need review** by a hematologist: {listed}.")
+    for reason, count in reasons.items():
+        which = "This cell" if len(cells) == 1 else f"{count} of {len(cells)} cells"
+        lines.append(f"**{which}: {reason}**: this question does not apply, so the answer is not a result.")
     return lines
 
 
@@ -352,11 +354,14 @@ class CaseAnalysis:
         found = self.findings()
         if found:
             lines.append("**The blood count and the images disagree**, so the case needs review: " + " ".join(found))
-        empty = [image.name for image in self.images if not image.cells]
+        empty = sum(not image.cells for image in self.images)
         if empty:
-            lines.append(f"**No white blood cell was found in {len(empty)} image(s)**: {', '.join(empty)}.")
-        lines += cells_warning_lines(cells)
-        if not self.needs_review:
+            lines.append(f"**No white blood cell was found in {empty} image(s)** (see the table).")
+        lines += shift_lines(cells)
+        flagged = sum(cell.needs_review for cell in cells)
+        if flagged:
+            lines.append(f"**{flagged} of {len(cells)} cell(s) need review** by a hematologist (see the table).")
+        elif not self.needs_review:
             lines.append("No result is marked for review.")
         lines.append("This is decision support, not a diagnosis.")
         return "\n\n".join(lines)

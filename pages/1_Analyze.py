@@ -5,8 +5,8 @@ import streamlit as st
 
 from leuko.tasks import get_task
 from leuko.ui import plain
-from leuko.ui.analyze import (cbc_form, image_inputs, inputs_signature, load_analyzer, model_summary, run_analyses,
-                              save_section, settings_sidebar, show_analysis)
+from leuko.ui.analyze import (cbc_form, image_inputs, inputs_signature, load_analyzer, model_summary, results_section,
+                              run_analyses, save_section, settings_sidebar)
 from leuko.ui.auth import login_section
 
 login_section()
@@ -26,7 +26,5 @@ for message in st.session_state.get("analysis_errors", []):
 analyses = st.session_state.get("analyses", [])
 if analyses:
     st.caption(st.session_state["analysis_run"][1])
-for number, (analysis, _) in enumerate(analyses):
-    show_analysis(analysis, str(number))
-if analyses:
+    results_section([analysis for analysis, _ in analyses], st.session_state["analysis_clinical"])
     save_section(signature)

@@ -266,9 +266,9 @@ def test_an_unfamiliar_field_says_so_with_its_highest_score():
              _cell(_prediction(needs_review=True, shift_score=9.125, unfamiliar=True), 3, in_field=True),
              _cell(_prediction(needs_review=True, not_applicable="not a lymphocyte"), 4, in_field=True)]
     summary = _image(cells, "field.png", "field").summary()
-    assert ("2 of 4 cell(s) look unlike the model's training images**: this model has not seen images like these: "
-            "check every result; highest shift score 9.12") in summary
-    assert "1 cell(s): not a lymphocyte**: this question does not apply" in summary
+    assert ("2 of 4 cells look unlike the model's training images**: this model has not seen images like these: "
+            "check every result (highest shift score 9.12)") in summary
+    assert "1 of 4 cells: not a lymphocyte**: this question does not apply" in summary
     assert "3 cell(s) need review** by a hematologist: #2 (unfamiliar), #3 (unfamiliar), #4 (not applicable)" in summary
 
 
@@ -296,7 +296,7 @@ def test_the_case_differential_sums_over_all_its_images():
         ("field-1.png", 1), ("field-1.png", 2), ("field-1.png", 3), ("field-2.png", 1), ("empty.png", None)]
     summary = case.summary()
     assert "3 image(s), 4 white cell(s) counted" in summary and "Cells read as blasts: 2 of 4 (50.0%)" in summary
-    assert "No white blood cell was found in 1 image(s)**: empty.png" in summary
+    assert "No white blood cell was found in 1 image(s)** (see the table)" in summary
     assert case.needs_review
     assert not CaseAnalysis([first, second]).needs_review
 

@@ -9,10 +9,12 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from time import perf_counter
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
-from leuko.analysis import AnalysisSettings, Analyzer, ImageAnalysis, boxes_overlay, mask_overlay
+from leuko.analysis import (AnalysisSettings, Analyzer, CaseAnalysis, ImageAnalysis, boxes_overlay, mask_overlay,
+                            percent, shift_lines)
 from leuko.clinical import (CONVERSIONS, LABELS, UNITS, ClinicalValueError, ClinicalValues, convert, likely_unit_slip,
                              validate)
 from leuko.device import DeviceError
@@ -30,6 +32,10 @@ from leuko.ui.charts import probability_bars, recall_bars
 log = logging.getLogger(__name__)
 
 UPLOAD_TYPES = [suffix.lstrip(".") for suffix in IMAGE_SUFFIXES]
+
+DETAILS_SHOWN = 3
+"""Images whose details are shown open below the case summary; the rest are collapsed (a
+crop's details are about 950 px tall, so nine crops made a 9,000 px page)."""
 
 
 @dataclass
@@ -81,8 +87,9 @@ def settings_sidebar() -> tuple[AnalysisSettings, RunOptions]:
 
 
 def cbc_form() -> tuple[ClinicalValues | None, str | None]:
-    """Optional CBC and clinical values with units. Returns the validated values (``None``
-    when nothing was entered) and the validation message when a value is impossible."""
+    """Optional CBC and clinical values, each with its unit beside it. Returns the validated
+    values (``None`` when nothing was entered) and, when values are impossible, every
+    message at once (``None`` when they are accepted)."""
     with st.expander("CBC and clinical values (optional)"):
         entered: dict = {}
         columns = st.columns(3)
@@ -95,26 +102,47 @@ def cbc_form() -> tuple[ClinicalValues | None, str | None]:
                     entered["sex"] = sex
                 continue
             units = list(CONVERSIONS.get(name, {UNITS[name]: 1.0}))
-            value = column.number_input(f"{LABELS[name]}", value=None, step=0.1, format="%g", key=f"cbc_{name}")
-            unit = column.selectbox(f"{LABELS[name]} unit", units, key=f"unit_{name}",
-                                    label_visibility="collapsed") if len(units) > 1 else units[0]
+            if len(units) > 1:
+                number, choice = column.columns([3, 2])
+                value = number.number_input(LABELS[name], value=None, step=0.1, format="%g", key=f"cbc_{name}")
+                unit = choice.selectbox("Unit", units, key=f"unit_{name}", help=f"Unit of {LABELS[name]}")
+            else:
+                unit = units[0]
+                label = LABELS[name] if LABELS[name].endswith(unit) else f"{LABELS[name]} ({unit})"
+                value = column.number_input(label, value=None, step=0.1, format="%g", key=f"cbc_{name}")
             if value is not None:
-                try:
-                    entered[name] = convert(name, float(value), unit)
-                except ClinicalValueError as exc:
-                    return None, str(exc)
+                entered[name] = (float(value), unit)
                 slip = likely_unit_slip(name, float(value), unit)
                 if slip:
                     column.warning(f"{LABELS[name]}: {slip}")
         if not entered:
             return None, None
-        try:
-            values = validate(ClinicalValues(**entered))
-        except ClinicalValueError as exc:
-            st.error(f"{LABELS.get(exc.field, exc.field)}: {exc.reason}")
-            return None, str(exc)
+        values, problems = checked_values(entered)
+        for problem in problems:
+            st.error(f"{LABELS.get(problem.field, problem.field)}: {problem.reason}")
+        if problems:
+            return None, "; ".join(str(problem) for problem in problems)
         st.caption("Values accepted.")
         return values, None
+
+
+def checked_values(entered: dict) -> tuple[ClinicalValues | None, list[ClinicalValueError]]:
+    """The values typed in the form (field: (value, unit), or the sex) converted to the
+    schema's units and validated, or every problem found: each field's own (unit, range)
+    first, all at once, and the checks across fields only when each field passes alone."""
+    converted, problems = {}, []
+    for name, given in entered.items():
+        try:
+            converted[name] = convert(name, *given) if name != "sex" else given
+            validate(ClinicalValues(**{name: converted[name]}))
+        except ClinicalValueError as exc:
+            problems.append(exc)
+    if problems:
+        return None, problems
+    try:
+        return validate(ClinicalValues(**converted)), []
+    except ClinicalValueError as exc:
+        return None, [exc]
 
 
 def image_inputs(task: str) -> list[tuple[str, bytes]]:
@@ -209,18 +237,58 @@ def run_analyses(analyzer: Analyzer, options: RunOptions, items: list[tuple[str,
         save_case(new_reference(), "")
 
 
+def review_badge(needs_review: bool) -> str:
+    """The badge beside a result: red "Needs review" whenever any warning applies."""
+    return ":red-badge[Needs review]" if needs_review else ":green-badge[Confident]"
+
+
+def differential_table(rows: list[dict]) -> None:
+    """A differential (:meth:`leuko.tasks.Task.differential` rows) with percentages to one decimal."""
+    frame = pd.DataFrame(rows).assign(percent=lambda f: f["percent"].round(1))
+    st.dataframe(frame, hide_index=True, column_config={"percent": st.column_config.NumberColumn(format="%.1f%%")})
+
+
+def results_section(analyses: list[ImageAnalysis], clinical: ClinicalValues | None) -> None:
+    """A run's results: the case summary first, then each image's details, the first
+    :data:`DETAILS_SHOWN` open and the rest collapsed."""
+    case_section(CaseAnalysis(analyses, clinical))
+    for number, analysis in enumerate(analyses):
+        if number < DETAILS_SHOWN:
+            show_analysis(analysis, str(number))
+            continue
+        review = "needs review" if analysis.needs_review else "confident"
+        with st.expander(f"{plain(analysis.name)}: {len(analysis.cells)} cell(s), {review}"):
+            show_analysis(analysis, str(number))
+
+
+def case_section(case: CaseAnalysis) -> None:
+    """The run as one case: a table of every cell of every image, the differential over all
+    of them, the blood count compared with it, and images unlike the model's training images."""
+    st.header("Case summary")
+    for line in shift_lines(case.cells):
+        st.warning(line)
+    st.dataframe(pd.DataFrame(case.rows()), hide_index=True,
+                 column_config={"confidence (%)": st.column_config.NumberColumn(format="%.1f%%")})
+    if len(case.images) > 1 and case.cells:
+        st.markdown(f"**Differential over all {len(case.cells)} cells**")
+        differential_table(case.differential())
+    summary = case.summary()
+    (st.warning if case.needs_review else st.success)(summary)
+
+
 def show_analysis(analysis: ImageAnalysis, key: str) -> None:
     """One image's result: label, badge, probabilities, overlays, morphometrics, summary."""
     st.subheader(plain(analysis.name))
     if not analysis.cells:
         st.warning(analysis.summary())
         return
+    for line in shift_lines(analysis.cells):
+        st.warning(line)
     opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key=f"opacity_{key}")
     if analysis.kind == "crop":
         cell = analysis.cells[0]
-        badge = ":red-badge[Needs review]" if cell.prediction.needs_review else ":green-badge[Confident]"
         info = analysis.task.info(cell.prediction.label)
-        st.markdown(f"### {info.display} — {cell.prediction.confidence:.0%} {badge}")
+        st.markdown(f"### {info.display} — {percent(cell.prediction.confidence)} {review_badge(cell.needs_review)}")
         left, right = st.columns([2, 3])
         left.plotly_chart(probability_bars(analysis.task, cell.prediction.as_dict(), analysis.review_threshold),
                           key=f"p_{key}")
@@ -234,15 +302,15 @@ def show_analysis(analysis: ImageAnalysis, key: str) -> None:
         left.image(boxes_overlay(analysis), caption="Cells found (red: needs review)")
         right.image(mask_overlay(analysis.rgb, analysis.mask, opacity), caption="Nucleus / cytoplasm")
         st.markdown("**Differential count**")
-        st.dataframe(pd.DataFrame(analysis.differential()), hide_index=True)
-        st.markdown("**Cells by predicted class**")
+        differential_table(analysis.differential())
+        st.markdown("**Cells by predicted class** (each cell, then where the model looked)")
         for info in analysis.task.classes:
             group = [c for c in analysis.cells if c.prediction.label == info.id]
             if group:
                 st.markdown(f"*{info.display}* ({len(group)})")
-                st.image([c.cam_overlay(opacity) for c in group], width=110,
-                         caption=[f"#{c.index} {c.prediction.confidence:.0%}" + (" review" if c.prediction.needs_review
-                                                                               else "") for c in group])
+                st.image([np.hstack([c.crop, c.cam_overlay(opacity)]) for c in group], width=220,
+                         caption=[f"#{c.index} {percent(c.prediction.confidence)}"
+                                  + (" review" if c.needs_review else "") for c in group])
     with st.expander("Morphometrics"):
         st.dataframe(pd.DataFrame(analysis.morphometrics_rows()), hide_index=True)
     st.info(analysis.summary())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from leuko.analysis import percent
 from leuko.tasks import Task
 
 LAYOUT = dict(margin=dict(l=10, r=10, t=30, b=10), height=260)
@@ -11,19 +12,23 @@ LAYOUT = dict(margin=dict(l=10, r=10, t=30, b=10), height=260)
 
 def probability_bars(task: Task, probabilities: dict[str, float], review_threshold: float | None = None) -> go.Figure:
     """Horizontal bars of calibrated class probabilities (0-1); the top class is dark, and the
-    review threshold, when known, is a dashed line."""
+    review threshold, when known, is a dashed line. Every bar carries its class name and its
+    probability rounded as the page's heading rounds it (:func:`leuko.analysis.percent`),
+    outside the bar so that a bar too short to hold it still shows it."""
     names = [task.info(c).display for c in probabilities]
     values = list(probabilities.values())
     top = max(range(len(values)), key=values.__getitem__)
     colours = ["#5b2a86" if i == top else "#b9a7cf" for i in range(len(values))]
     figure = go.Figure(go.Bar(x=values, y=names, orientation="h", marker_color=colours,
-                              text=[f"{v:.1%}" for v in values], textposition="auto"))
+                              text=[percent(v) for v in values], textposition="outside", cliponaxis=False))
     if review_threshold:
         figure.add_vline(x=review_threshold, line_dash="dash", line_color="#c0392b")
         figure.add_annotation(x=review_threshold, y=1.0, yref="paper", xanchor="right", yanchor="bottom",
                               text="review below", showarrow=False, font=dict(color="#c0392b", size=11))
-    figure.update_layout(xaxis=dict(range=[0, 1], title="calibrated probability"), **LAYOUT)
-    figure.update_yaxes(autorange="reversed")
+    figure.update_layout(xaxis=dict(range=[0, 1.15], tickvals=[0, 0.25, 0.5, 0.75, 1], tickformat=".0%",
+                                    title="calibrated probability"),
+                         **{**LAYOUT, "margin": dict(l=10, r=40, t=30, b=10)})
+    figure.update_yaxes(autorange="reversed", tickmode="array", tickvals=names, ticktext=names)
     return figure
 
 
