@@ -459,6 +459,20 @@ def test_differential_percentages_have_one_decimal_and_heading_and_bars_agree(le
         assert "— 97.0% " in heading and bar["textposition"] == "outside"
 
 
+def test_a_field_lists_each_cell_in_the_case_table_and_shows_it_beside_its_attention_map(leuko_home, examples):
+    from leuko.bench import sample_field
+
+    Image.fromarray(sample_field(cells=3)).save(examples / "ALL" / "field.png")
+    app = analyse_examples(page("1_Analyze.py"), ["examples: field.png (ALL)"])
+    assert not app.exception
+    table = app.dataframe[0].value
+    assert table["file"].tolist() == ["field.png"] * 3 and table["cell"].tolist() == [1, 2, 3]
+    thumbnails = [image for element in app.get("image") for image in element.proto.imgs
+                  if image.caption.startswith("#")]
+    assert [t.caption.split()[0] for t in thumbnails] == ["#1", "#2", "#3"]
+    assert all(t.caption.endswith(" review") == (row == "needs review") for t, row in zip(thumbnails, table["review"]))
+
+
 def test_the_blood_count_form_labels_every_unit_and_shows_every_error_at_once(leuko_home):
     app = page("1_Analyze.py")
     labels = [n.label for n in app.number_input]
@@ -537,7 +551,7 @@ def test_field_cells_marked_duplicate_or_not_a_leukocyte_leave_the_case_differen
     assert app.dataframe[0].value["task"][0] == "all_binary"
     assert app.dataframe[1].value["Cells"].tolist() == [3, 0]
     assert "Cells found, numbered (red: flagged by the model)" in app.get("image")[0].proto.imgs[0].caption
-    assert "Nucleus area (px², no pixel size given)" in app.dataframe[2].value.columns
+    assert "Nucleus area (px²)" in app.dataframe[2].value.columns
     for number, label in ((1, "ALL"), (2, "duplicate"), (3, "not a leukocyte")):
         next(s for s in app.selectbox if s.label == f"Cell #{number}").set_value(label)
     next(b for b in app.button if b.label == "Confirm or reclassify").click().run()

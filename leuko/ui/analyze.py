@@ -267,7 +267,7 @@ def case_section(case: CaseAnalysis) -> None:
     st.header("Case summary")
     for line in shift_lines(case.cells):
         st.warning(line)
-    st.dataframe(pd.DataFrame(case.rows()), hide_index=True,
+    st.dataframe(pd.DataFrame(case.rows()).astype({"cell": "Int64"}), hide_index=True,
                  column_config={"confidence (%)": st.column_config.NumberColumn(format="%.1f%%")})
     if len(case.images) > 1 and case.cells:
         st.markdown(f"**Differential over all {len(case.cells)} cells**")
