@@ -270,11 +270,12 @@ def test_the_report_keeps_every_character_gives_units_and_lists_fields_without_c
         clinical={"hemoglobin": 9.0, "wbc": 40.0})
     empty = next(i for i in store.case(case_id).images if i.original_name == "empty.png")
     store.review(empty.id, "rita", NO_LEUKOCYTE, "checked at 100x")
-    text = " ".join(PdfReader(case_pdf(store, case_id, tmp_path / "r.pdf")).pages[0].extract_text().split())
-    for expected in ("CASE-ŁÓ-1", "anaЖ", "Ζήτα — ≥5% blasts", "hemoglobin 9 g/dL", "wbc 40 x10^9/L",
-                     "ALL blast 1 (50%), Normal lymphocyte 1 (50%)", "Cells read as blasts: 1 of 2 (50%)",
-                     "cut by the image border",
-                     "No leukocyte was found in this field. Final: no leukocyte by rita (checked at 100x)"):
+    text = " ".join(page_text for page in PdfReader(case_pdf(store, case_id, tmp_path / "r.pdf")).pages
+                    for page_text in page.extract_text().split())
+    for expected in ("CASE-ŁÓ-1", "anaЖ", "Ζήτα — ≥5% blasts", "Hemoglobin 9 g/dL", "WBC 40 x10^9/L",
+                     "ALL blast 1 50.0 Normal lymphocyte 1 50.0", "Blasts: 1 of 2 cells (50.0%)",
+                     "(cut by the border)",
+                     "No leukocyte was found in this field. Final: no leukocyte, by rita (checked at 100x)"):
         assert expected in text, expected
     rows = [row for row in csv.reader(io.StringIO(cases_csv(store))) if row[4] == "empty.png"]
     assert len(rows) == 1 and rows[0][10] == "True" and rows[0][11] == NO_LEUKOCYTE and rows[0][12] == "rita"

@@ -114,7 +114,8 @@ MEASURE_NAMES: dict[str, MeasureName] = {
     "contour_irregularity": MeasureName("Nuclear contour irregularity"), "nuclear_lobes": MeasureName("Nuclear lobes"),
     "nucleus_intensity_mean": MeasureName("Nucleus mean grey level (0-255)"),
     "nucleus_intensity_std": MeasureName("Nucleus grey-level spread (0-255)"),
-    "chromatin_contrast": MeasureName("Chromatin contrast"), "chromatin_homogeneity": MeasureName("Chromatin homogeneity"),
+    "chromatin_contrast": MeasureName("Chromatin contrast"),
+    "chromatin_homogeneity": MeasureName("Chromatin homogeneity"),
     "chromatin_energy": MeasureName("Chromatin energy"), "chromatin_correlation": MeasureName("Chromatin correlation"),
 }
 """Human names of :class:`leuko.morphometrics.Morphometrics` fields, in the order shown; the
@@ -134,24 +135,45 @@ def pixel_size_um(measures: dict) -> float | None:
     return None
 
 
-def readable_measures(measures: dict) -> dict[str, float | int]:
-    """A cell's morphometrics under human names with units: sizes in µm and µm² where the
-    pixel size is known, otherwise in pixels, marked "px" and "px²"; unitless ratios as they
-    are. Measures that are absent or ``None`` are left out."""
+def _measures(measures: dict, keys: tuple[str, ...] | None) -> list[tuple[str, str, float | int]]:
+    """(name, unit, value) of each measure of ``keys`` (all of :data:`MEASURE_NAMES` when
+    ``None``) that is present: sizes in µm and µm² where the pixel size is known, otherwise in
+    px and px²; ratios and counts unitless."""
     scale = pixel_size_um(measures)
-    shown: dict[str, float | int] = {}
-    for key, (name, dimension) in MEASURE_NAMES.items():
+    found = []
+    for key in keys or tuple(MEASURE_NAMES):
+        name, dimension = MEASURE_NAMES[key]
         value = measures.get(key)
         if value is None:
             continue
+        unit = ""
         if dimension:
             microns, pixels = UNITS_BY_DIMENSION[dimension]
-            if scale:
-                name, value = f"{name} ({microns})", value * scale ** dimension
-            else:
-                name = f"{name} ({pixels}, no pixel size given)"
-        shown[name] = value
-    return shown
+            unit, value = (microns, value * scale ** dimension) if scale else (pixels, value)
+        found.append((name, unit, value))
+    return found
+
+
+def readable_measures(measures: dict, keys: tuple[str, ...] | None = None) -> dict[str, float | int]:
+    """A cell's morphometrics (only ``keys`` of :data:`MEASURE_NAMES` when given) by column
+    names with units, "Nucleus area (µm²)" where the pixel size is known, otherwise in pixels,
+    "Nucleus area (px²)"; absent measures left out."""
+    return {f"{name} ({unit})" if unit else name: value for name, unit, value in _measures(measures, keys)}
+
+
+def measures_line(measures: dict, keys: tuple[str, ...] | None = None) -> str:
+    """A cell's morphometrics (only ``keys`` when given) in one line, each with its unit:
+    "Nucleus area 52.1 µm², N:C ratio 0.62"."""
+    return ", ".join(f"{name} {measure_text(value)}" + (f" {unit}" if unit else "")
+                     for name, unit, value in _measures(measures, keys))
+
+
+def measure_text(value: float | int) -> str:
+    """A measure as printed: whole numbers as they are, others to three significant digits
+    (at most one decimal from 100 up)."""
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def numbered_field(store: CaseStore, image: ImageRecord) -> np.ndarray | None:
