@@ -557,6 +557,7 @@ def test_field_cells_marked_duplicate_or_not_a_leukocyte_leave_the_case_differen
     next(b for b in app.button if b.label == "Confirm or reclassify").click().run()
     assert not app.exception and [as_read(s.value) for s in app.success] == ["Review saved: 3 label(s) of field.png."]
     assert app.dataframe[1].value["Cells"].tolist() == [1, 0]
+    assert any("left out: 1 reviewed as 'duplicate', 1 reviewed as 'not a leukocyte'" in m.value for m in app.markdown)
     assert any(m.value == "Blasts: 1 of 1 cells (100.0%)." for m in app.markdown)
     next(t for t in app.text_area if t.label == "Impression").input("Blasts present.\nRefer for flow cytometry.")
     next(b for b in app.button if b.label == "Sign off this case").click().run()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-from collections import Counter
 from pathlib import Path
 
 from fpdf import FPDF
@@ -20,7 +19,7 @@ from PIL import Image
 from leuko.clinical import LABELS, UNITS, ClinicalValues, Range, reference_range, stored_flags
 from leuko.images import ImageError, load_image
 from leuko.store.models import Case, ImageRecord, Prediction, Review, as_utc
-from leuko.store.service import EXCLUDED_LABELS, CaseFilter, CaseStore
+from leuko.store.service import CaseFilter, CaseStore
 from leuko.store.summary import (CaseSummary, case_summary, label_name, measure_text, measures_line, numbered_field,
                                  pixel_size_um, readable_measures, shift_text)
 from leuko.tasks import get_task
@@ -218,10 +217,7 @@ def _first_page(pdf: CaseReport, case: Case, summary: CaseSummary) -> None:
 
 def _differential(pdf: CaseReport, case: Case, summary: CaseSummary) -> None:
     """The case's differential per task over all images, and the blasts of the ALL tasks."""
-    excluded = Counter(review.final_label for image in case.images
-                       for review in {r.cell_id: r for r in image.reviews}.values()
-                       if review.final_label in EXCLUDED_LABELS)
-    left_out = ", ".join(f"{count} reviewed as {label!r}" for label, count in excluded.items())
+    left_out = summary.left_out_text()
     for task_id, labels in summary.labels.items():
         task = get_task(task_id)
         pdf.heading(f"Differential over all images: {task.title}")

@@ -17,7 +17,7 @@ from leuko.clinical import ClinicalValues
 from leuko.concordance import findings
 from leuko.images import ImageError, load_image
 from leuko.store.models import Case, ImageRecord, Prediction
-from leuko.store.service import DUPLICATE, NOT_LEUKOCYTE, CaseStore, counted_labels
+from leuko.store.service import DUPLICATE, EXCLUDED_LABELS, NOT_LEUKOCYTE, CaseStore, counted_labels
 from leuko.tasks import get_task
 
 REVIEW_LABELS = {NOT_LEUKOCYTE: "Not a leukocyte", DUPLICATE: "Duplicate (part of another cell)"}
@@ -38,18 +38,20 @@ class CaseSummary:
     and those labels disagree (:func:`leuko.concordance.findings`); ``unfamiliar``: results
     marked unlike the model's training images, of ``measured`` with a shift score;
     ``highest_shift``: the largest shift score (``None``: none measured); ``not_applicable``:
-    each distinct reason a task's question did not fit a cell."""
+    each distinct reason a task's question did not fit a cell; ``left_out``: how many field
+    cells reviewers took out of the count, per final label."""
 
     labels: dict[str, list[str]]
     findings: list[str] = field(default_factory=list)
+    left_out: dict[str, int] = field(default_factory=dict)
     unfamiliar: int = 0
     measured: int = 0
     highest_shift: float | None = None
     not_applicable: list[str] = field(default_factory=list)
 
-    @property
-    def cells(self) -> int:
-        return sum(len(labels) for labels in self.labels.values())
+    def left_out_text(self) -> str:
+        """The cells taken out of the count, e.g. "2 reviewed as 'duplicate'", or ""."""
+        return ", ".join(f"{count} reviewed as {label!r}" for label, count in self.left_out.items())
 
     def shift_warning(self) -> str | None:
         """The case's shift warning with its score, or ``None`` when no result is unfamiliar."""
@@ -73,6 +75,9 @@ def case_summary(case: Case) -> CaseSummary:
                                    for line in findings(task, counted, clinical)])
     scores = []
     for image in case.images:
+        for review in {r.cell_id: r for r in image.reviews}.values():
+            if review.final_label in EXCLUDED_LABELS:
+                summary.left_out[review.final_label] = summary.left_out.get(review.final_label, 0) + 1
         for prediction in image.predictions:
             if prediction.shift_score is not None:
                 scores.append(prediction.shift_score)

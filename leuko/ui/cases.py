@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from leuko.analysis import png_bytes, saved_mask_overlay
 from leuko.clinical import LABELS, UNITS, ClinicalValues, stored_flags
@@ -314,8 +315,9 @@ def summary_section(case: Case) -> None:
         st.warning(f"For some cells the question does not apply: {plain(reason)}.")
     for task_id, labels in summary.labels.items():
         task = get_task(task_id)
+        left_out = summary.left_out_text()
         st.markdown(f"**Case differential ({task.title})**: {len(labels)} cell(s) over all images, "
-                    "reviewers' labels where given")
+                    "reviewers' labels where given" + (f"; left out: {left_out}" if left_out else ""))
         st.dataframe(pd.DataFrame([{"Class": r["class"], "Cells": r["cells"], "%": round(r["percent"], 1)}
                                    for r in task.differential(labels)]), hide_index=True)
         blasts = task.blast_percent(labels)
@@ -325,7 +327,7 @@ def summary_section(case: Case) -> None:
         st.warning(f"Blood count and images disagree: {plain(finding)}")
 
 
-def sign_off_form(store: CaseStore, case: Case, user: dict, where) -> None:
+def sign_off_form(store: CaseStore, case: Case, user: dict, where: DeltaGenerator) -> None:
     """The reviewer's impression and the sign-off button, in the column ``where``."""
     with where.form(f"sign_off_{case.id}"):
         impression = st.text_area("Impression", key=f"impression_{case.id}",
