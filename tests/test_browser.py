@@ -1,9 +1,13 @@
 """End to end in a real headless Chromium (Debian's, driven by Playwright) against
 ``streamlit run app.py``: sign in, upload a crop, see the prediction and the Grad-CAM, save
-the case and find it on the Cases page. Screenshots go to the test's temporary folder, and
-also to ``$LEUKO_SCREENSHOTS`` when set (the README's screenshots come from there)."""
+the case, review and sign it on the Cases page; then a field case with a blood count, from
+upload through its case summary to a signed PDF. Screenshots go to the test's temporary
+folder, and also to ``$LEUKO_SCREENSHOTS`` when set (the README's screenshots come from
+there)."""
 
+import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,6 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from leuko.bench import sample_field
 from leuko.paths import REPO_ROOT
 from leuko.store import CaseStore
 from tests.test_segment import stained_cell
@@ -82,7 +87,7 @@ def _download(page, label: str) -> bytes:
     pytest.fail(f"{label}: no download after two clicks")
 
 
-def _choose_first_option(page, label: str) -> None:
+def _choose_first_option(page, label: str | re.Pattern) -> None:
     """Open a selectbox from the keyboard and take its first option; a rerun replacing the
     widget while it opens closes it again, so this tries up to three times."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -97,6 +102,53 @@ def _choose_first_option(page, label: str) -> None:
         except PlaywrightTimeout:
             continue
     pytest.fail(f"{label}: the options never opened")
+
+
+def _field_case(page, folder: Path) -> None:
+    """Analyse a 1712x1368 field of three leukocytes with a blood count reporting no blasts,
+    save it, label each cell on the Cases page, sign it with an impression, and read the PDF."""
+    from playwright.sync_api import expect
+    from pypdf import PdfReader
+
+    field = folder / "field.png"
+    Image.fromarray(sample_field(cells=3)).save(field)
+    page.get_by_role("link", name="Analyze").click()
+    expect(page.get_by_role("heading", name="Analyze", exact=True)).to_be_visible()
+    page.get_by_text("CBC and clinical values (optional)").click()
+    blasts = page.get_by_label("Peripheral blasts %")
+    blasts.fill("0")
+    blasts.press("Enter")
+    expect(page.get_by_text("Values accepted.")).to_be_visible()
+    page.locator("input[type=file]").set_input_files(str(field))
+    analyze = page.get_by_role("button", name="Analyze", exact=True)
+    expect(analyze).to_be_enabled()
+    _idle(page)
+    analyze.click()
+    expect(page.get_by_text("Field of view: 3 white cell(s)")).to_be_visible()
+    expect(page.get_by_role("heading", name="Case summary")).to_be_visible()
+    expect(page.get_by_text("1 image(s), 3 white cell(s) counted.")).to_be_visible()
+    expect(page.get_by_text("The blood count and the images disagree")).to_be_visible()
+    page.get_by_role("heading", name="Case summary").evaluate("heading => heading.scrollIntoView({block: 'start'})")
+    _shot(page, folder, "analyze-field")
+    page.get_by_label("Case reference (pseudonymous; never a patient name)").fill("FIELD-E2E")
+    page.get_by_role("button", name="Save as case").click()
+    expect(page.get_by_text("Saved as case FIELD-E2E")).to_be_visible()
+
+    page.get_by_role("link", name="Cases").click()
+    expect(page.get_by_text("Case FIELD-E2E: new")).to_be_visible()
+    for number in (1, 2, 3):
+        _choose_first_option(page, re.compile(rf"^Cell #{number}\b"))
+    _idle(page)
+    page.get_by_role("button", name="Confirm or reclassify").click()
+    expect(page.get_by_text("Review saved: 3 label(s) of field.png.")).to_be_visible()
+    expect(page.get_by_text("Case FIELD-E2E: reviewed")).to_be_visible()
+    page.get_by_role("textbox", name="Impression").fill("Three cells reviewed; blasts to be confirmed by flow cytometry.")
+    page.get_by_role("button", name="Sign off this case").click()
+    expect(page.get_by_text("Case FIELD-E2E: signed")).to_be_visible()
+    _shot(page, folder, "cases-field")
+    report = PdfReader(io.BytesIO(_download(page, "Download PDF report")))
+    first = " ".join(report.pages[0].extract_text().split())
+    assert "FIELD-E2E" in first and "flow cytometry" in first
 
 
 def _shot(page, folder: Path, name: str) -> None:
@@ -166,6 +218,7 @@ def test_sign_in_analyse_save_and_find_the_case(server, tmp_path):
         expect(page.get_by_text("Case CASE-E2E: signed")).to_be_visible()
         assert _download(page, "Download PDF report").startswith(b"%PDF")
         assert _download(page, "Export the matching cases as CSV").startswith(b"case,")
+        _field_case(page, tmp_path)
 
         page.get_by_role("link", name="Train").click()
         expect(page.get_by_role("heading", name="Train", exact=True)).to_be_visible()
@@ -174,4 +227,5 @@ def test_sign_in_analyse_save_and_find_the_case(server, tmp_path):
         expect(page.get_by_text("Model cards")).to_be_visible()
         _shot(page, tmp_path, "models")
         browser.close()
-    assert all((tmp_path / f"{n}.png").stat().st_size > 10_000 for n in ("home", "analyze", "cases", "train", "models"))
+    assert all((tmp_path / f"{n}.png").stat().st_size > 10_000
+               for n in ("home", "analyze", "analyze-field", "cases", "cases-field", "train", "models"))
