@@ -189,10 +189,6 @@ class ImageAnalysis:
         """Share of cells read as blasts (%), for tasks that have blast classes."""
         return self.task.blast_percent(self.labels)
 
-    def morphometrics_rows(self) -> list[dict]:
-        return [{"cell": c.index, "label": c.prediction.label, "confidence": c.prediction.confidence,
-                 "touches_border": c.touches_border, **(c.morphometrics or {})} for c in self.cells]
-
     def summary(self) -> str:
         """A plain-language reading of the result that says when a person must look, and why."""
         lines = []

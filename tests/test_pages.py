@@ -471,6 +471,8 @@ def test_a_field_lists_each_cell_in_the_case_table_and_shows_it_beside_its_atten
                   if image.caption.startswith("#")]
     assert [t.caption.split()[0] for t in thumbnails] == ["#1", "#2", "#3"]
     assert all(t.caption.endswith(" review") == (row == "needs review") for t, row in zip(thumbnails, table["review"]))
+    measured = next(d.value for d in app.dataframe if "cut by the border" in d.value.columns)
+    assert measured["cell"].tolist() == [1, 2, 3] and "Nucleus area (px²)" in measured.columns
 
 
 def test_the_blood_count_form_labels_every_unit_and_shows_every_error_at_once(leuko_home):

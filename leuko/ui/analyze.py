@@ -24,6 +24,7 @@ from leuko.images import IMAGE_SUFFIXES, ImageError
 from leuko.modelstore import ModelIntegrityError, ModelNotFoundError, ModelStore
 from leuko.segment import chosen_segmenter, segmenter_weights
 from leuko.store import REFERENCE_MAX_CHARS, StoreError, StoreUnavailableError
+from leuko.store.summary import readable_measures
 from leuko.tasks import TASKS
 from leuko.ui import plain
 from leuko.ui.auth import case_store, current_user
@@ -312,7 +313,9 @@ def show_analysis(analysis: ImageAnalysis, key: str) -> None:
                          caption=[f"#{c.index} {percent(c.prediction.confidence)}"
                                   + (" review" if c.needs_review else "") for c in group])
     with st.expander("Morphometrics"):
-        st.dataframe(pd.DataFrame(analysis.morphometrics_rows()), hide_index=True)
+        st.dataframe(pd.DataFrame([{"cell": c.index, "label": analysis.task.info(c.prediction.label).display,
+                                    "cut by the border": c.touches_border, **readable_measures(c.morphometrics or {})}
+                                   for c in analysis.cells]), hide_index=True)
     st.info(analysis.summary())
 
 
