@@ -308,6 +308,21 @@ def _evaluate_segmentation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_cell_finding(args: argparse.Namespace) -> int:
+    from leuko.cellfind import evaluate_cell_finding, format_report, write_report
+    from leuko.paths import default_data_root
+    from leuko.segment import make_segmenter
+
+    root = Path(args.data) if args.data else default_data_root()
+    if not (root / "bionet_fields" / "boxes.csv").is_file():
+        raise _Refused(f"{root} holds no bionet_fields/boxes.csv")
+    report = evaluate_cell_finding(root, args.split, make_segmenter(args.method, device=args.device))
+    print(format_report(report))
+    written = write_report(report, Path(args.out))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def _train_segmenter(args: argparse.Namespace) -> int:
     from leuko.paths import SHIPPED_MODELS
     from leuko.progress import TerminalProgress
@@ -505,6 +520,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg_eval.add_argument("--out", help="folder for the CSV tables")
     seg_eval.add_argument("--device")
     seg_eval.set_defaults(handler=_evaluate_segmentation)
+
+    cell_eval = sub.add_parser("evaluate-cell-finding",
+                               help="precision, recall and exact-count rate of leukocyte finding in fields")
+    cell_eval.add_argument("--split", default="test", help="bionet_fields split (train, val, test)")
+    cell_eval.add_argument("--data", help="folder holding manifest.csv and bionet_fields/")
+    cell_eval.add_argument("--method", choices=["auto", "classical", "learned"], default="auto",
+                           help="crop segmenter behind the field path (as for segment)")
+    cell_eval.add_argument("--out", default="reports/cell_finding", help="folder for <split>.json and <split>.txt")
+    cell_eval.add_argument("--device")
+    cell_eval.set_defaults(handler=_evaluate_cell_finding)
 
     seg_train = sub.add_parser("train-segmenter", help="train and register the U-Net segmenter on the shared masks")
     seg_train.add_argument("--epochs", type=int)

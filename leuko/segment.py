@@ -258,15 +258,32 @@ kind is ``auto``; single-cell crops in the public sets are 120-400 pixels."""
 
 @dataclass
 class FieldConfig:
-    """Cell finding in a field image. Sizes are fractions of the image's shorter side:
-    nuclei smaller than ``min_nucleus_diameter`` (platelets, debris) are ignored and nucleus
-    fragments closer than ``lobe_gap`` are one cell (the lobes of a neutrophil)."""
+    """Cell finding in a field image (:mod:`leuko.cellfind`). Sizes are in red-cell diameters
+    of the same field (:func:`leuko.scale.red_cell_diameter_px`), so they hold at any
+    magnification.
 
-    detection_side: int = 1024
-    min_nucleus_diameter: float = 0.02
-    lobe_gap: float = 0.02
+    ``detection_side``: the field is searched with its shorter side at most this many pixels.
+    ``nucleus_level``: a pixel is stained like a nucleus above this fraction of the way from the
+    field's 95th-percentile nucleus score to its maximum. ``min_rise``: a field whose maximum
+    nucleus score is less than this above its 95th percentile has no nucleus at all.
+    ``min_fragment``: stained specks under this fraction of a red cell's area are dropped.
+    ``lobe_gap``: stained parts closer than this are one nucleus group (a granulocyte's lobes).
+    ``fallback_red_cell``: the red-cell diameter, as a fraction of the shorter side, taken when
+    too few red cells are seen. ``min_probability``: the least probability from the candidate
+    classifier for a leukocyte. ``cell_margin``: a cell reaches this far beyond its nucleus
+    group's box; a smaller nucleus group whose centre lies in that cell is part of it.
+    ``crop_scale``: each cell is cut out as a square this many times its nucleus group's
+    longer side."""
+
+    detection_side: int = 480
+    nucleus_level: float = 0.35
+    min_rise: float = 0.08
+    min_fragment: float = 0.005
+    lobe_gap: float = 0.4
+    fallback_red_cell: float = 0.11
+    min_probability: float = 0.5
+    cell_margin: float = 0.4
     crop_scale: float = 1.8
-    nucleus_threshold: float = 0.45
 
 
 @dataclass
@@ -290,36 +307,12 @@ class SegmentedImage:
 
 
 def find_nuclei_groups(rgb: np.ndarray, config: FieldConfig | None = None) -> list[tuple[int, int, int, int]]:
-    """Boxes (x, y, w, h, full-image pixels) around each leukocyte's nucleus in a field image.
+    """Boxes (x, y, w, h, full-image pixels) around each leukocyte's nucleus group in a field
+    image, one per leukocyte: nucleus-stained candidates, lobes merged, each judged against
+    the field's red cells (see :func:`leuko.cellfind.find_leukocytes`)."""
+    from leuko.cellfind import find_leukocytes
 
-    The image is searched at ``detection_side`` pixels on its shorter side; red cells are far
-    less saturated and less blue than leukocyte nuclei, so a threshold on the fixed-scale
-    nucleus score (at least ``nucleus_threshold``, Otsu above it) separates them; small specks
-    are dropped.
-    """
-    config = config or FieldConfig()
-    height, width = rgb.shape[:2]
-    scale = min(1.0, config.detection_side / min(height, width))
-    small = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
-                       interpolation=cv2.INTER_AREA) if scale < 1 else rgb
-    side = min(small.shape[:2])
-    score = cv2.GaussianBlur(absolute_nucleus_score(small), (0, 0), max(0.8, side * 0.003))
-    if score.max() < config.nucleus_threshold:
-        return []
-    nuclei = score > max(config.nucleus_threshold, _otsu(score))
-    nuclei = cv2.morphologyEx(nuclei.astype(np.uint8), cv2.MORPH_OPEN, _disc(int(side * 0.004)))
-    min_area = np.pi * (config.min_nucleus_diameter * side / 2) ** 2
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(nuclei, connectivity=8)
-    big = np.isin(labels, [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_area])
-    if not big.any():
-        return []
-    grouped = cv2.dilate(big.astype(np.uint8), _disc(int(config.lobe_gap * side / 2)))
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
-    boxes = []
-    for i in range(1, count):
-        x, y, w, h = stats[i, :4]
-        boxes.append(tuple(int(round(v / scale)) for v in (x, y, w, h)))
-    return boxes
+    return [candidate.box for candidate in find_leukocytes(rgb, config)]
 
 
 def _crop_box(box: tuple[int, int, int, int], shape: tuple[int, int], crop_scale: float) -> tuple[int, int, int, int]:
