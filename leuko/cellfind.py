@@ -3,9 +3,10 @@
 Three steps, all sizes relative to the field's own red cells (:func:`leuko.scale.red_cell_diameter_px`),
 so the same settings hold at any magnification:
 
-1. candidates from the nucleus stain: pixels well above the field's usual nucleus score
-   (a fraction of the way from its 95th percentile to its maximum, so a pale stain or a
-   cyan white balance is handled like a strong one);
+1. candidates from the nucleus stain: pixels well above the field's usual nucleus score (a
+   fraction of the way from its 85th percentile to the maximum of their stained region, so a
+   pale stain, a cyan white balance or a paler cell beside a dark one is handled like a strong
+   one);
 2. nuclei that share one cytoplasm are merged: fragments closer than ``lobe_gap`` red-cell
    diameters are one candidate (a granulocyte's lobes), and a group whose centre lies within the cell of a larger one (its box grown by
    ``cell_margin`` red-cell diameters) joins it (a lobe that stayed apart);
@@ -38,7 +39,7 @@ FEATURES = ("log_area", "log_extent", "relative_peak", "darkness", "aspect")
 """What the candidate classifier sees of a nucleus group, relative to its field: ``log_area``
 natural log of its stained area over a red cell's area; ``log_extent`` log of its box's longer
 side over the red-cell diameter; ``relative_peak`` its peak nucleus score above the field's
-95th percentile, over the field's largest such rise; ``darkness`` its mean grey level over the
+usual score (``FieldConfig.field_percentile``), over the field's largest such rise; ``darkness`` its mean grey level over the
 background's (the field's 90th percentile); ``aspect`` its box's shorter over longer side."""
 
 
@@ -103,10 +104,12 @@ def nucleus_candidates(rgb: np.ndarray, config=None) -> list[Candidate]:
     measured = red_cell_diameter_px(small)
     red_cell = measured or config.fallback_red_cell * min(small.shape[:2])
     score = cv2.GaussianBlur(absolute_nucleus_score(small), (0, 0), max(0.8, 0.03 * red_cell))
-    level, peak = float(np.percentile(score, 95)), float(score.max())
+    level, peak = float(np.percentile(score, config.field_percentile)), float(score.max())
     if peak - level < config.min_rise:
         return []
-    stained = score > level + config.nucleus_level * (peak - level)
+    regions, count = ndi.label(score > level + config.region_level * (peak - level))
+    region_peak = np.concatenate([[np.inf], ndi.maximum(score, regions, np.arange(1, count + 1))])
+    stained = score > level + config.nucleus_level * (region_peak[regions] - level)
     labels, count = ndi.label(stained)
     red_area = math.pi * red_cell ** 2 / 4
     areas = ndi.sum_labels(stained, labels, np.arange(1, count + 1))

@@ -263,19 +263,26 @@ class FieldConfig:
     magnification.
 
     ``detection_side``: the field is searched with its shorter side at most this many pixels.
-    ``nucleus_level``: a pixel is stained like a nucleus above this fraction of the way from the
-    field's 95th-percentile nucleus score to its maximum. ``min_rise``: a field whose maximum
-    nucleus score is less than this above its 95th percentile has no nucleus at all.
+    ``field_percentile``: the field's usual nucleus score (red cells and glass) is this
+    percentile of it (85: it stays on red cells and glass while nuclei cover less than 15% of
+    the field, as in a field crowded with blasts).
+    ``region_level``: stained regions are the pixels above this fraction of the way from that
+    usual score to the field's maximum; ``nucleus_level``: within a region, a pixel is a nucleus
+    above this fraction of the way from the usual score to the region's own maximum (so a paler
+    cell beside a dark one keeps its nucleus). ``min_rise``: a field whose maximum nucleus score
+    is less than this above its usual score has no nucleus at all.
     ``min_fragment``: stained specks under this fraction of a red cell's area are dropped.
     ``lobe_gap``: stained parts closer than this are one nucleus group (a granulocyte's lobes).
     ``fallback_red_cell``: the red-cell diameter, as a fraction of the shorter side, taken when
     too few red cells are seen. ``min_probability``: the least probability from the candidate
     classifier for a leukocyte. ``cell_margin``: a cell reaches this far beyond its nucleus
-    group's box; a smaller nucleus group whose centre lies in that cell is part of it.
+    group's box; two nucleus groups one of whose centres lies in the other's cell are one.
     ``crop_scale``: each cell is cut out as a square this many times its nucleus group's
     longer side."""
 
     detection_side: int = 480
+    field_percentile: float = 85.0
+    region_level: float = 0.15
     nucleus_level: float = 0.35
     min_rise: float = 0.08
     min_fragment: float = 0.005
