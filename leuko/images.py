@@ -13,7 +13,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 MAX_PIXELS = 50_000_000
 """Largest accepted image, in pixels (a 6000x4000 camera frame is 24 Mpx)."""
 
@@ -38,9 +38,10 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
     too_large = f"{name}: {{}} pixels is over the limit of {max_pixels / 1e6:.0f} megapixels"
     try:
         image = Image.open(data)
-        if image.format not in {"PNG", "JPEG", "TIFF", "BMP", "MPO"}:
-            raise ImageError(f"{name}: {image.format or 'unknown'} images are not supported; "
-                             "use PNG, JPEG, TIFF or BMP")
+        animated = image.format == "WEBP" and getattr(image, "is_animated", False)
+        if image.format not in {"PNG", "JPEG", "TIFF", "BMP", "MPO", "WEBP"} or animated:
+            kind = f"animated {image.format}" if animated else image.format or "unknown"
+            raise ImageError(f"{name}: {kind} images are not supported; use PNG, JPEG, TIFF, BMP or WebP")
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(too_large.format(f"{width}x{height}"))
@@ -49,7 +50,7 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
         raise ImageError(too_large.format(f"more than {Image.MAX_IMAGE_PIXELS / 1e6:.0f} million")) from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file, or a format that is not supported "
-                         "(use PNG, JPEG, TIFF or BMP)") from None
+                         "(use PNG, JPEG, TIFF, BMP or WebP)") from None
     except (OSError, SyntaxError) as exc:
         raise ImageError(f"{name}: the image is damaged or truncated ({exc})") from None
     return image
