@@ -38,7 +38,10 @@ class TrainConfig:
     of each side of an image, in training and prediction (:class:`leuko.data.InputConfig`).
     ``colour_invariance`` adds hue and
     saturation jitter and grey crops (:func:`leuko.data.build_transform`), for other labs'
-    stains. ``background_replacement`` is the
+    stains. ``degrade`` adds blur, coarser resolution and JPEG compression
+    (:class:`leuko.data.RandomDegrade`). ``lab_balance`` (with ``balanced_sampling``) draws
+    images of small source datasets more often (:func:`leuko.data.balanced_sampler`), so a
+    model trained on several labs does not learn mostly the largest. ``background_replacement`` is the
     share of training crops whose background outside the cell is replaced
     (:mod:`leuko.cellmasks`; 0 = off), so the network learns from the cell and not from the
     lab's smear around it. ``extra_train`` adds
@@ -67,6 +70,8 @@ class TrainConfig:
     zoom_range: tuple[float, float] | None = None
     view_zoom: float = 1.0
     colour_invariance: bool = False
+    degrade: bool = False
+    lab_balance: bool = False
     background_replacement: float = 0.0
     extra_train: list[dict] | None = None
     train_repeat: int = 1

@@ -190,13 +190,38 @@ class RandomStainJitter:
         return Image.fromarray((np.clip(restored, 0.0, 1.0) * 255.0).round().astype(np.uint8))
 
 
+class RandomDegrade:
+    """What other labs' optics and cameras do to a crop, each with probability ``p``: defocus
+    (Gaussian blur, sigma 0.5-2.5 px), a coarser sensor (down to 35-100% of the side and back
+    up) and JPEG compression (quality 30-90)."""
+
+    def __init__(self, p: float = 0.35) -> None:
+        self.p = p
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        array = np.asarray(image)
+        if random.random() < self.p:
+            array = cv2.GaussianBlur(array, (0, 0), random.uniform(0.5, 2.5))
+        if random.random() < self.p:
+            height, width = array.shape[:2]
+            factor = random.uniform(0.35, 1.0)
+            small = cv2.resize(array, (max(8, round(width * factor)), max(8, round(height * factor))),
+                               interpolation=cv2.INTER_AREA)
+            array = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+        if random.random() < self.p:
+            ok, encoded = cv2.imencode(".jpg", array[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, random.randint(30, 90)])
+            array = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1] if ok else array
+        return Image.fromarray(np.ascontiguousarray(array))
+
+
 def _interpolation(name: str) -> v2.InterpolationMode:
     return {"bicubic": v2.InterpolationMode.BICUBIC,
             "bilinear": v2.InterpolationMode.BILINEAR}[name]
 
 
 def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
-                    zoom_range: tuple[float, float] | None = None, colour_invariance: bool = False) -> v2.Compose:
+                    zoom_range: tuple[float, float] | None = None, colour_invariance: bool = False,
+                    degrade: bool = False) -> v2.Compose:
     """PIL RGB image -> normalised float tensor (3, S, S).
 
     Training adds augmentations suited to smear cells, which have no canonical orientation:
@@ -207,7 +232,8 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
     and occasional defocus blur, for robustness to other labs' stains and optics.
     ``colour_invariance`` adds saturation (30%) and hue (0.08 of the colour wheel) jitter and
     turns a fifth of the crops grey, so the network leans on shape and texture more than on
-    the hue a lab's stain gives the cytoplasm. Stain
+    the hue a lab's stain gives the cytoplasm. ``degrade`` adds blur, a coarser resolution and
+    JPEG compression (:class:`RandomDegrade`), as other labs' optics and cameras give. Stain
     normalisation, when the preprocessing sets it, comes last, in training and prediction.
     Prediction resizes the uint8 tensor rather than the PIL image: 0.2 ms against 0.8 for a
     257 px crop to 192, at most 2 grey levels apart (mean 0.005) on 100 crops of the five
@@ -234,6 +260,8 @@ def build_transform(config: InputConfig, train: bool, stain_jitter: float = 0.0,
         if stain_jitter > 0:
             steps += [RandomStainJitter(stain_jitter),
                       v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.25)]
+        if degrade:
+            steps.append(RandomDegrade())
         steps += [StainNormalize(config.preprocess), v2.PILToTensor()]
     else:
         steps += [CentreView(config.view_zoom), v2.PILToTensor(),
@@ -381,11 +409,17 @@ def class_counts(samples: Sequence[Sample], task: Task) -> dict[str, int]:
     return {c: counts.get(i, 0) for i, c in enumerate(task.class_ids)}
 
 
-def balanced_sampler(groups: Sequence[Hashable], seed: int | torch.Generator = 0) -> WeightedRandomSampler:
+def balanced_sampler(groups: Sequence[Hashable], seed: int | torch.Generator = 0,
+                     sources: Sequence[Hashable] | None = None) -> WeightedRandomSampler:
     """Sampler drawing each group (a class, or a source dataset) equally often (weights 1/group
-    size), with replacement, one epoch being as many draws as there are samples. ``seed`` is a
+    size), with replacement, one epoch being as many draws as there are samples. With
+    ``sources`` (each sample's lab) each weight is also divided by the square root of its
+    lab's size, so a lab of 70 crops is drawn about a third as often as one of 7,000 instead
+    of a hundredth, without repeating its few images every few steps. ``seed`` is a
     seed, or a generator to share with the data loader."""
     counts = Counter(groups)
-    weights = torch.tensor([1.0 / counts[group] for group in groups], dtype=torch.double)
+    source_counts = Counter(sources) if sources is not None else None
+    weights = torch.tensor([1.0 / counts[group] / (math.sqrt(source_counts[source]) if source_counts else 1.0)
+                            for group, source in zip(groups, sources or groups)], dtype=torch.double)
     generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(weights, num_samples=len(groups), replacement=True, generator=generator)

@@ -25,7 +25,7 @@ import numpy as np
 from scipy.signal import wiener
 
 Equalization = Literal["none", "dhe", "clahe", "global"]
-StainNormalization = Literal["none", "reinhard"]
+StainNormalization = Literal["none", "reinhard", "macenko"]
 
 PBC_LAB_MEAN = (201.2, 139.3, 135.0)
 """CIELAB channel means (OpenCV's 8-bit scale) averaged over 300 images of the PBC training
@@ -41,7 +41,9 @@ class PreprocessConfig:
     ``wiener_window`` is the side of the local window in pixels; ``clahe_clip`` is OpenCV's
     clip limit and ``clahe_tiles`` the number of tiles per side. ``stain_normalization``
     ``reinhard`` maps each image's CIELAB means and standard deviations onto
-    ``stain_target_mean`` and ``stain_target_std`` (OpenCV's 8-bit LAB scale).
+    ``stain_target_mean`` and ``stain_target_std`` (OpenCV's 8-bit LAB scale); ``macenko``
+    estimates each image's two stain vectors and maps them onto torchstain's reference
+    (:func:`macenko_normalize`).
     """
 
     wiener: bool = False
@@ -179,6 +181,22 @@ def reinhard_normalize(rgb: np.ndarray, target_mean: tuple[float, float, float],
     return cv2.cvtColor(cv2.LUT(lab, table[:, None, :]), cv2.COLOR_LAB2RGB)
 
 
+def macenko_normalize(rgb: np.ndarray) -> np.ndarray:
+    """Macenko stain normalisation (Macenko et al., ISBI 2009) of an HxWx3 uint8 RGB image
+    through torchstain's NumPy implementation, onto its reference stain vectors and maximum
+    concentrations. An image with too few stained pixels to estimate two stains (a crop of
+    background, a blank image) is returned as it is."""
+    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+
+    try:
+        normalised, _, _ = NumpyMacenkoNormalizer().normalize(np.ascontiguousarray(rgb), stains=False)
+    except (np.linalg.LinAlgError, ValueError, IndexError):
+        return rgb
+    if not np.isfinite(normalised).all():
+        return rgb
+    return np.clip(normalised, 0, 255).astype(np.uint8)
+
+
 def denoise_and_equalize(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """The configured Wiener filter and lightness equalisation, uint8 RGB in and out."""
     out = np.ascontiguousarray(rgb)
@@ -193,6 +211,8 @@ def normalize_stain(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """The configured stain normalisation, uint8 RGB in and out (the input when none)."""
     if config.stain_normalization == "reinhard":
         return reinhard_normalize(rgb, config.stain_target_mean, config.stain_target_std)
+    if config.stain_normalization == "macenko":
+        return macenko_normalize(rgb)
     return rgb
 
 
