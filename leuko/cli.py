@@ -48,6 +48,88 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crosslab(args: argparse.Namespace) -> int:
+    from leuko import crosslab
+    from leuko.pipeline import export_run
+    from leuko.progress import TerminalProgress
+    from leuko.train import train_model
+
+    config = TrainConfig.from_yaml(args.config).with_overrides(
+        data_root=args.data, epochs=args.epochs, limit_train=args.limit_train, max_steps_per_epoch=args.max_steps,
+        device=args.device, num_workers=args.workers, pretrained=args.pretrained)
+    labs = args.labs.split(",")
+    if args.table:
+        rows = crosslab.read_rows(args.out)
+        print(crosslab.table(rows) if rows else f"no rows in {args.out}")
+        if not rows:
+            return 1
+    else:
+        methods = args.methods.split(",") if args.methods else list(crosslab.METHODS)
+        rows = crosslab.leave_one_lab_out(config, labs, methods, args.out, [TerminalProgress()])
+        print(crosslab.table([r.as_dict() for r in rows]))
+    if args.then_train:
+        best = crosslab.best_method(crosslab.read_rows(args.out))
+        overrides = dict(crosslab.METHODS[best])
+        preprocess = dict(config.preprocess.__dict__ if config.preprocess else {}, **overrides.pop("preprocess", {}))
+        final = config.with_overrides(**overrides, preprocess=preprocess, datasets=labs, out_dir=str(args.then_train),
+                                      epochs=args.final_epochs or config.epochs)
+        print(f"training {final.model_id} on {', '.join(labs)} with {best}")
+        result = train_model(final, [TerminalProgress()])
+        print(f"exported to {export_run(result, args.then_train)}")
+    return 0
+
+
+def _register_run(args: argparse.Namespace) -> int:
+    from leuko.evaluate import format_metrics
+    from leuko.paths import SHIPPED_MODELS
+    from leuko.pipeline import load_exported_run, register_result
+    from leuko.progress import TerminalProgress
+
+    result = load_exported_run(args.run, args.data)
+    card = register_result(result, callbacks=[TerminalProgress()], folder=SHIPPED_MODELS if args.ship else None,
+                           make_default=args.default, report_dir=args.report)
+    if card is None:
+        return 1
+    print(f"registered model {card.id} (temperature {card.temperature:.3f}); test split:")
+    print(format_metrics(card.metrics["test"]))
+    return 0
+
+
+def _fit_shift(args: argparse.Namespace) -> int:
+    from leuko.modelstore import ModelStore
+    from leuko.shiftfit import fit_model_shift
+
+    store = ModelStore()
+    ids = args.model or [card.id for card in store.cards() if card.task in TASKS]
+    for model_id in ids:
+        card = fit_model_shift(model_id, store, args.data, args.datasets)
+        print(f"{model_id}: shift threshold {card.shift['threshold']:.3f} "
+              f"(fitted on {card.shift['fitted_on']['train']} train, {card.shift['fitted_on']['val']} val images)")
+    return 0
+
+
+def _evaluate_shift(args: argparse.Namespace) -> int:
+    from leuko.data import read_manifest
+    from leuko.modelstore import ModelStore
+    from leuko.paths import default_data_root
+    from leuko.shiftfit import measure_shift
+    from leuko.tasks import get_task
+
+    store = ModelStore()
+    card, _ = store.locate(args.model)
+    manifest = Path(args.data or default_data_root()) / "manifest.csv"
+    task = get_task(card.task)
+    seen = read_manifest(manifest, task, args.split, args.seen)
+    unseen = [s for split in args.unseen_split for s in read_manifest(manifest, task, split, args.unseen)]
+    report = measure_shift(args.model, seen, unseen, store)
+    print(json.dumps(report.as_dict(), indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(report.as_dict(), model=args.model, seen=args.seen, unseen=args.unseen,
+                                            split=args.split, unseen_split=args.unseen_split), indent=1))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from leuko.data import read_folder, read_manifest
     from leuko.evaluate import evaluate, format_metrics, write_report
@@ -480,10 +562,55 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-file", type=Path, help="stop early (keeping the best weights) once this file exists")
     train.set_defaults(handler=_train)
 
+    lolo = sub.add_parser("crosslab", help="leave-one-lab-out comparison of training recipes")
+    lolo.add_argument("--config", type=Path, help="base YAML training configuration")
+    lolo.add_argument("--labs", default="pbc_wbc,wbc_seg_jtsc,wbc_seg_cellavision",
+                      help="comma-separated datasets of the manifest, one fold each")
+    lolo.add_argument("--methods", help="comma-separated methods (default: all of leuko.crosslab.METHODS)")
+    lolo.add_argument("--out", type=Path, default=Path("runs/crosslab"), help="folder for rows, logits and runs")
+    lolo.add_argument("--table", action="store_true", help="print the table of the rows already in --out")
+    lolo.add_argument("--then-train", type=Path, help="then train the best method on all labs and export the run "
+                                                     "here (weights and JSON, for register-run)")
+    lolo.add_argument("--final-epochs", type=int, help="epochs of that final run (default: the config's)")
+    lolo.add_argument("--data", help="folder holding manifest.csv (default ../shared/data)")
+    lolo.add_argument("--epochs", type=int)
+    lolo.add_argument("--limit-train", type=int, help="at most this many training images per class and lab")
+    lolo.add_argument("--max-steps", type=int, help="at most this many steps per epoch")
+    lolo.add_argument("--pretrained", help="auto, none, offline, hub or a checkpoint path")
+    lolo.add_argument("--device", help="auto, cpu or cuda")
+    lolo.add_argument("--workers", type=int, help="data-loading processes")
+    lolo.set_defaults(handler=_crosslab)
+
+    register_run = sub.add_parser("register-run", help="calibrate, evaluate and register a run exported by "
+                                                       "crosslab --then-train (trained on another machine)")
+    register_run.add_argument("run", type=Path, help="the run's JSON file (weights beside it)")
+    register_run.add_argument("--data", help="folder holding manifest.csv (default ../shared/data)")
+    register_run.add_argument("--ship", action="store_true", help="register into the repository's models/")
+    register_run.add_argument("--default", action="store_true", help="mark as the task's default model")
+    register_run.add_argument("--report", type=Path, help="write the test evaluation's metrics and plots here")
+    register_run.set_defaults(handler=_register_run)
+
+    fit_shift = sub.add_parser("fit-shift", help="fit the shift detector of models on their training images")
+    fit_shift.add_argument("--model", nargs="+", help="model ids (default: every installed classifier)")
+    fit_shift.add_argument("--data", help="folder holding manifest.csv (default ../shared/data)")
+    fit_shift.add_argument("--datasets", nargs="+", help="only these manifest datasets (default: the model's own)")
+    fit_shift.set_defaults(handler=_fit_shift)
+
+    shift_eval = sub.add_parser("evaluate-shift", help="shift score on seen labs against labs the model never saw")
+    shift_eval.add_argument("--model", required=True)
+    shift_eval.add_argument("--seen", nargs="+", required=True, help="datasets like the training images")
+    shift_eval.add_argument("--unseen", nargs="+", required=True, help="datasets from labs the model never saw")
+    shift_eval.add_argument("--split", default="test", help="split of the seen datasets")
+    shift_eval.add_argument("--unseen-split", nargs="+", default=["train", "val", "test"],
+                            help="splits of the unseen datasets (default: all of them)")
+    shift_eval.add_argument("--data", help="folder holding manifest.csv (default ../shared/data)")
+    shift_eval.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    shift_eval.set_defaults(handler=_evaluate_shift)
+
     evaluate = sub.add_parser("evaluate", help="evaluate a model on a manifest split or a folder")
     evaluate.add_argument("--model", help="model id (default: the task's default model)")
     evaluate.add_argument("--task", choices=tasks)
-    evaluate.add_argument("--split", default="test", help="manifest split (train, val, test, external)")
+    evaluate.add_argument("--split", default="test", help="manifest split (train, val, test)")
     evaluate.add_argument("--datasets", nargs="+", help="only these manifest datasets")
     evaluate.add_argument("--data", help="folder holding manifest.csv")
     evaluate.add_argument("--folder", help="folder of class sub-folders instead of the manifest")
@@ -594,10 +721,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _store_errors() -> tuple[type[Exception], ...]:
+    """The case log's error types where a command has loaded it: commands that never touch
+    the case log (training, leave-one-lab-out) then run where its database libraries are not
+    installed, such as a GPU machine."""
+    store = sys.modules.get("leuko.store")
+    return (store.StoreError, store.StoreUnavailableError) if store else ()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from leuko.device import DeviceError
     from leuko.modelstore import ModelIntegrityError, ModelNotFoundError
-    from leuko.store import StoreError, StoreUnavailableError
 
     args = build_parser().parse_args(argv)
     try:
@@ -610,8 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
-    except (ModelNotFoundError, ModelIntegrityError, DeviceError, ValueError, KeyError, StoreError,
-            StoreUnavailableError) as exc:
+    except (ModelNotFoundError, ModelIntegrityError, DeviceError, ValueError, KeyError, *_store_errors()) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 2
     except OSError as exc:

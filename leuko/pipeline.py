@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -14,7 +16,7 @@ from leuko.metrics import (expected_calibration_error, reliability_curve, review
 from leuko.modelstore import LoadedModel, ModelCard, ModelStore, hardware_description
 from leuko.progress import Callback, ProgressEvent
 from leuko.tasks import get_task
-from leuko.train import load_split, load_training_samples, train_model
+from leuko.train import TrainResult, input_config_for, load_split, load_training_samples, resolve_config, train_model
 
 
 def train_and_register(config: TrainConfig, store: ModelStore | None = None,
@@ -44,20 +46,32 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
     result = train_model(config, callbacks, should_stop)
     if result.rank != 0:
         return None
+    return register_result(result, store, callbacks, folder, make_default, report_dir, test_samples)
+
+
+def register_result(result: TrainResult, store: ModelStore | None = None, callbacks: Iterable[Callback] = (),
+                    folder: Path | None = None, make_default: bool = False, report_dir: Path | None = None,
+                    test_samples: list | None = None) -> ModelCard | None:
+    """Calibrate a trained network on ``val``, evaluate it once on ``test`` and save it with
+    its card (the second half of :func:`train_and_register`, also used for a run trained on
+    another machine, :func:`load_exported_run`). Returns ``None`` when no epoch was validated."""
+    store = store or ModelStore()
+    callbacks = list(callbacks)
+    config = result.config
+    task = get_task(config.task)
+    test_samples = test_samples if test_samples is not None else load_split(config, task, "test")
     if result.best_epoch == 0:
         reason = ("stopped before the first epoch finished" if not result.history
                   else "no epoch gave a finite validation loss")
         for listener in callbacks:
             listener(ProgressEvent("message", message=f"{reason}: no model registered"))
         return None
-    config = result.config
     if config.half_weights:
         result.network.load_state_dict({k: v.half().float() if v.is_floating_point() else v
                                         for k, v in result.network.state_dict().items()})
-    task = get_task(config.task)
     card = ModelCard(id=config.model_id, task=task.id, classes=task.class_ids, arch=config.arch,
                      input=result.input_config.to_dict(), training=config.to_dict(),
-                     training_time_s=round(result.elapsed_s, 1), hardware=hardware_description(),
+                     training_time_s=round(result.elapsed_s, 1), hardware=result.hardware or hardware_description(),
                      pretrained_source=result.network.pretrained_source, default=make_default)
     card.training["history"] = result.history
     card.training["best_epoch"] = result.best_epoch
@@ -98,3 +112,41 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
                       "curves": roc_pr_curves(test_labels, test_probs, task.class_ids),
                       "reliability": reliability_curve(test_labels, test_probs)}, report_dir)
     return card
+
+
+def export_run(result: TrainResult, folder: Path) -> Path:
+    """Write a finished run's best weights (float16 safetensors) and its configuration and
+    history (JSON) to ``folder``, small enough to bring back from a GPU machine; registered
+    where the full data is with :func:`load_exported_run` and :func:`register_result`."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / f"{result.config.model_id}.safetensors"
+    save_file({k: (v.half() if v.is_floating_point() else v).cpu().contiguous()
+               for k, v in result.network.state_dict().items()}, str(weights))
+    (folder / f"{result.config.model_id}.json").write_text(json.dumps({
+        "config": result.config.to_dict(), "history": result.history, "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss, "elapsed_s": result.elapsed_s,
+        "pretrained_source": result.network.pretrained_source, "hardware": hardware_description()}, indent=1))
+    return weights
+
+
+def load_exported_run(path: Path, data_root: str | None = None) -> TrainResult:
+    """A :class:`TrainResult` from :func:`export_run`'s JSON file (weights beside it), with
+    the data root replaced by ``data_root`` (or the default) for calibration and test."""
+    from safetensors.torch import load_file
+
+    from leuko.nets import build_model
+
+    saved = json.loads(path.read_text())
+    values = dict(saved["config"], data_root=data_root, pretrained="none", device=None, resume=False)
+    config = resolve_config(TrainConfig.from_dict(values))
+    network = build_model(config.arch, get_task(config.task).num_classes, "none")
+    network.load_state_dict({k: v.float() if v.is_floating_point() else v
+                             for k, v in load_file(str(path.with_suffix(".safetensors"))).items()})
+    network.pretrained_source = saved["pretrained_source"]
+    config = replace(config, pretrained=saved["config"]["pretrained"])
+    return TrainResult(network=network.eval(), config=config, input_config=input_config_for(config),
+                       history=saved["history"], best_epoch=saved["best_epoch"],
+                       best_val_loss=saved["best_val_loss"], elapsed_s=saved["elapsed_s"],
+                       hardware=saved["hardware"])
