@@ -31,6 +31,8 @@ class RedCellConfig:
     above it). ``max_nucleus_score``: blobs containing a pixel more nucleus-stained than this
     (leukocytes) are left out, and their pixels do not set the threshold. ``min_density``: the
     least summed optical density (log10 units) of a red-cell pixel; the glass's noise is below.
+    ``stain_spread``: discs whose mean nucleus score exceeds the discs' median by more than
+    this are round leukocytes (a lymphocyte, a blast), not red cells.
     """
 
     work_side: int = 512
@@ -39,6 +41,7 @@ class RedCellConfig:
     disc_fill: tuple[float, float] = (0.75, 1.6)
     max_nucleus_score: float = 0.6
     min_density: float = 0.05
+    stain_spread: float = 0.1
 
 
 def _optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -57,11 +60,12 @@ def red_cell_diameter_px(rgb: np.ndarray, config: RedCellConfig | None = None) -
     Red cells are the discs denser than the background glass (summed optical density above
     Otsu's threshold between glass and red cells, computed without nucleus-stained pixels and
     with the densest 5% clipped, so a leukocyte or a dark nucleus does not set it; central
-    pallor filled); each blob that is a single disc (its area close to that
-    of its largest inscribed circle), whole (not cut by the image border) and without a
-    leukocyte nucleus in it gives its equivalent diameter (that of a disc of the same area).
-    Works on fields and on single-cell crops with a few red cells around the leukocyte. Divide
-    :data:`RED_CELL_UM` (7.5 µm) by the result for micrometres per pixel.
+    pallor filled). Each blob that is a single disc (its area close to that of its largest
+    inscribed circle), whole (not cut by the image border) and stained like the other discs
+    (not a leukocyte) gives its equivalent diameter (that of a disc of the same area); the
+    median is taken over the discs' area, so that specks passing for small discs weigh little.
+    Works on fields and on single-cell crops with a few whole red cells around the leukocyte.
+    Divide :data:`RED_CELL_UM` (7.5 µm) by the result for micrometres per pixel.
     """
     from leuko.segment import absolute_nucleus_score
 
@@ -74,7 +78,8 @@ def red_cell_diameter_px(rgb: np.ndarray, config: RedCellConfig | None = None) -
         if scale < 1 else np.ascontiguousarray(rgb)
     density = cv2.GaussianBlur(_optical_density(small), (0, 0), 1.0)
     nucleus_score = absolute_nucleus_score(small)
-    glass_or_red = density[nucleus_score <= config.max_nucleus_score]
+    glass_or_red = density[nucleus_score <= min(config.max_nucleus_score,
+                                                float(np.median(nucleus_score)) + 2 * config.stain_spread)]
     stained = glass_or_red[glass_or_red > config.min_density]
     if stained.size < config.min_cells * config.min_diameter_px ** 2:
         return None
@@ -95,6 +100,11 @@ def red_cell_diameter_px(rgb: np.ndarray, config: RedCellConfig | None = None) -
     diameters = np.sqrt(4 * areas / np.pi)
     disc = (whole & (fill >= config.disc_fill[0]) & (fill <= config.disc_fill[1])
             & (diameters >= config.min_diameter_px) & (nucleus <= config.max_nucleus_score))
+    stain = ndi.mean(nucleus_score, labels, np.arange(1, count + 1))
+    if disc.any():
+        disc &= stain <= np.median(stain[disc]) + config.stain_spread
     if disc.sum() < config.min_cells:
         return None
-    return float(np.median(diameters[disc]) / scale)
+    chosen = np.sort(diameters[disc])
+    weight = np.cumsum(chosen ** 2)
+    return float(chosen[np.searchsorted(weight, weight[-1] / 2)] / scale)
