@@ -8,11 +8,12 @@ so the same settings hold at any magnification:
    pale stain, a cyan white balance or a paler cell beside a dark one is handled like a strong
    one);
 2. nuclei that share one cytoplasm are merged: fragments closer than ``lobe_gap`` red-cell
-   diameters are one candidate (a granulocyte's lobes), and a group whose centre lies within the cell of a larger one (its box grown by
-   ``cell_margin`` red-cell diameters) joins it (a lobe that stayed apart);
-3. one decision per candidate: a small logistic regression over a handful of features (size
-   and extent relative to the red cells, stain strength relative to the field, darkness,
-   shape) says whether it is a leukocyte.
+   diameters are one candidate (a granulocyte's lobes), and a group whose centre lies within
+   the cell of another (its box grown by ``cell_margin`` red-cell diameters) joins it (a lobe
+   that stayed apart);
+3. one decision per candidate: a small logistic regression over five features (stained area
+   and extent relative to the red cells, stain strength relative to the field's strongest,
+   darkness relative to the glass, shape) says whether it is a leukocyte.
 
 Evaluation (:func:`evaluate_fields`) matches found boxes to true leukocyte boxes one to one.
 """
@@ -39,8 +40,9 @@ FEATURES = ("log_area", "log_extent", "relative_peak", "darkness", "aspect")
 """What the candidate classifier sees of a nucleus group, relative to its field: ``log_area``
 natural log of its stained area over a red cell's area; ``log_extent`` log of its box's longer
 side over the red-cell diameter; ``relative_peak`` its peak nucleus score above the field's
-usual score (``FieldConfig.field_percentile``), over the field's largest such rise; ``darkness`` its mean grey level over the
-background's (the field's 90th percentile); ``aspect`` its box's shorter over longer side."""
+usual score (``FieldConfig.field_percentile``), over the field's largest such rise;
+``darkness`` its mean grey level over the background's (the field's 90th percentile);
+``aspect`` its box's shorter over longer side."""
 
 
 @dataclass(frozen=True)
@@ -260,14 +262,14 @@ def evaluate_fields(fields: Iterable[tuple[str, np.ndarray, list[Box]]],
     return scores
 
 
-def bionet_fields(root: Path, split: str, kinds: tuple[str, ...] = ("WBC",)) -> Iterator[tuple[str, np.ndarray, list[Box]]]:
-    """The ``bionet_fields`` images of a manifest split as (path, RGB image, boxes of ``kinds``)."""
+def bionet_fields(root: Path, split: str) -> Iterator[tuple[str, np.ndarray, list[Box]]]:
+    """The ``bionet_fields`` images of a manifest split as (path, RGB image, leukocyte boxes)."""
     import pandas as pd
 
     manifest = pd.read_csv(root / "manifest.csv")
     paths = manifest[(manifest.dataset == "bionet_fields") & (manifest.split == split)].path
     boxes = pd.read_csv(root / "bionet_fields" / "boxes.csv")
-    boxes = boxes[boxes.kind.isin(kinds)]
+    boxes = boxes[boxes.kind == "WBC"]
     by_path = {p: [(int(r.xmin), int(r.ymin), int(r.xmax - r.xmin), int(r.ymax - r.ymin)) for r in rows.itertuples()]
                for p, rows in boxes.groupby("path")}
     for path in paths:

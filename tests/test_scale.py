@@ -13,7 +13,8 @@ def red_cells(diameter: int, size=(480, 640), count=30, seed=0, pallor=True) -> 
     rng = np.random.default_rng(seed)
     image = np.full((*size, 3), (236, 214, 220), np.uint8)
     step = int(diameter * 1.25)
-    grid = [(x, y) for y in range(diameter, size[0] - diameter, step) for x in range(diameter, size[1] - diameter, step)]
+    grid = [(x, y) for y in range(diameter, size[0] - diameter, step)
+            for x in range(diameter, size[1] - diameter, step)]
     for k in rng.permutation(len(grid))[:count]:
         centre = tuple(int(v + rng.integers(-diameter // 6, diameter // 6 + 1)) for v in grid[k])
         cv2.circle(image, centre, diameter // 2, (214, 140, 152), -1, cv2.LINE_AA)
