@@ -463,8 +463,9 @@ class Analyzer:
                 pixel_size_um: float | None = None) -> ImageAnalysis:
         """Analyse one image. ``clinical`` adds CBC flags (and feeds fusion models);
         ``class_id`` explains that class instead of each cell's predicted one; ``kind`` is
-        ``auto``, ``crop`` or ``field``; ``pixel_size_um`` (micrometres per pixel) adds areas
-        in square micrometres. Safe to call from several threads (calls run one at a time).
+        ``auto``, ``crop`` or ``field``; ``pixel_size_um`` (micrometres per pixel) brings each
+        cell to the model's training scale and adds areas in square micrometres. Safe to call
+        from several threads (calls run one at a time).
 
         Raises :class:`leuko.images.ImageError` for an unreadable or oversized image and
         :class:`leuko.clinical.ClinicalValueError` for impossible clinical values.
@@ -473,7 +474,8 @@ class Analyzer:
             return self._analyze(source, name, clinical, class_id, cam_method, kind, pixel_size_um)
 
     def _classify_and_explain(self, crops: list[np.ndarray], clinical: ClinicalValues | None, class_id: str | None,
-                              method: str) -> tuple[list[Prediction], list[np.ndarray]]:
+                              method: str, pixel_size_um: float | None = None
+                              ) -> tuple[list[Prediction], list[np.ndarray]]:
         """Predictions and CAMs of the crops, one forward and backward pass per batch: each
         crop's predicted class is explained, or ``class_id`` for every crop; a fusion model
         sees ``clinical`` in both, so its map explains the prediction it gave."""
@@ -481,8 +483,9 @@ class Analyzer:
         index = predictor.class_index(class_id)
         predictions, cams = [], []
         for start in range(0, len(crops), BATCH_SIZE):
-            batch_cams, probs = self.explainer.explain_images(crops[start:start + BATCH_SIZE], index, method, clinical)
-            predictions += predictor.to_predictions(probs)
+            chunk = crops[start:start + BATCH_SIZE]
+            batch_cams, probs = self.explainer.explain_images(chunk, index, method, clinical, pixel_size_um)
+            predictions += predictor.annotate(probs, chunk, self.explainer.last_features)
             cams += batch_cams
         return predictions, cams
 
@@ -501,7 +504,7 @@ class Analyzer:
                 raise ImageError(f"{name}: {problem}")
             segmented.cells = [Cell((0, 0, rgb.shape[1], rgb.shape[0]), rgb, segmented.mask, False)]
         crops = [c.crop for c in segmented.cells]
-        predictions, cams = self._classify_and_explain(crops, clinical, class_id, method)
+        predictions, cams = self._classify_and_explain(crops, clinical, class_id, method, pixel_size_um)
         cells = []
         for index, (cell, prediction, cam) in enumerate(zip(segmented.cells, predictions, cams), start=1):
             segmented_cell = bool(cell.mask.any())

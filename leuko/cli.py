@@ -253,19 +253,20 @@ def _predict(args: argparse.Namespace) -> int:
     try:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "confidence", "needs_review", *(f"p_{c}" for c in predictor.classes),
-                         "cell", "x", "y", "width", "height", "error"])
+                         "shift_score", "unfamiliar", "cell", "x", "y", "width", "height", "error", "not_applicable"])
         batch: list[tuple[Path, int | None, object, tuple | None]] = []
 
         def flush() -> None:
-            for (path, index, _, box), result in zip(batch, predictor.predict([image for _, _, image, _ in batch])):
+            for (path, index, _, box), result in zip(batch, predictor.predict([image for _, _, image, _ in batch], pixel_size_um=args.pixel_size)):
                 writer.writerow([str(path), result.label, f"{result.confidence:.6f}", result.needs_review,
                                  *(f"{p:.6f}" for p in result.probabilities),
-                                 *((index, *box) if box else ("",) * 5), ""])
+                                 "" if result.shift_score is None else f"{result.shift_score:.4f}", result.unfamiliar,
+                                 *((index, *box) if box else ("",) * 5), "", result.not_applicable or ""])
             batch.clear()
 
         def unclassified(path: Path, reason: str) -> None:
             flush()
-            writer.writerow([str(path), *("",) * (3 + len(predictor.classes) + 5), reason])
+            writer.writerow([str(path), *("",) * (3 + len(predictor.classes) + 7), reason, ""])
 
         for path, cells, reason in _read_each(paths, lambda path: cells_of(path, load_image(path))):
             if reason is not None:
@@ -625,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", help="model id (default: the task's default model)")
     predict.add_argument("--csv", help="output CSV file (default: standard output)")
     predict.add_argument("--tta", action="store_true", help="average over 8 rotations/flips")
+    predict.add_argument("--pixel-size", type=_positive_number,
+                         help="micrometres per pixel of the images: they are brought to the model's training scale")
     _add_kind_argument(predict, "classify")
     predict.add_argument("--device")
     predict.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")

@@ -40,6 +40,11 @@ class InputConfig:
     0-1 scale; ``interpolation`` is ``bilinear`` or ``bicubic``. ``view_zoom`` (at least 1)
     makes the network see only the central 1/``view_zoom`` of each side of an image, so a
     centred cell fills more of its input and of its explanation grid (1: the whole image).
+    ``pixel_size_um`` is the training images' median micrometres per pixel (from their red
+    cells) and ``view_um`` the width in micrometres of the network's view of a median training
+    image (``None``: not recorded); an image whose pixel size is known is cut or padded to
+    the same physical view (:func:`physical_view`), so a cell photographed at another
+    magnification fills as much of the network's input as in training.
     """
 
     input_size: int = 224
@@ -48,6 +53,8 @@ class InputConfig:
     interpolation: str = "bilinear"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     view_zoom: float = 1.0
+    pixel_size_um: float | None = None
+    view_um: float | None = None
 
     def __post_init__(self) -> None:
         check_view_zoom(self.view_zoom)
@@ -73,6 +80,27 @@ class Sample:
     dataset: str = ""
     mask: Path | None = None
     clinical: ClinicalValues | None = None
+
+
+def physical_view(image: Image.Image, pixel_size_um: float | None, view_um: float | None,
+                  view_zoom: float) -> Image.Image:
+    """``image`` cut or padded (mirrored) about its centre so that the network's view (the
+    central 1/``view_zoom``, :class:`CentreView`) spans ``view_um`` micrometres, as it did in
+    training: a cell photographed at another magnification then fills as much of the view as
+    the training cells did. Unchanged when the image's ``pixel_size_um`` or the model's
+    ``view_um`` is unknown."""
+    if not pixel_size_um or not view_um:
+        return image
+    side = max(1, round(view_um / pixel_size_um * view_zoom))
+    array = np.asarray(image)
+    height, width = array.shape[:2]
+    pad_y, pad_x = max(0, side - height), max(0, side - width)
+    if pad_y or pad_x:
+        array = cv2.copyMakeBorder(array, pad_y // 2, pad_y - pad_y // 2, pad_x // 2, pad_x - pad_x // 2,
+                                   cv2.BORDER_REFLECT_101)
+        height, width = array.shape[:2]
+    top, left = (height - side) // 2, (width - side) // 2
+    return Image.fromarray(np.ascontiguousarray(array[top:top + side, left:left + side]))
 
 
 def view_box(height: int, width: int, zoom: float) -> tuple[int, int, int, int]:

@@ -28,7 +28,7 @@ from leuko.clinical import ClinicalValues, encode
 from leuko.data import CentreView, view_box
 from leuko.images import ImageInput, load_image, load_mask
 from leuko.nets import get_arch, resolve_target_layer
-from leuko.predict import Predictor
+from leuko.predict import Predictor, pool_features
 
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM,
                "eigencam": EigenCAM, "layercam": LayerCAM, "scorecam": ScoreCAM}
@@ -120,6 +120,10 @@ class Explainer:
             self._hooks.append(self._head.features.register_forward_hook(_track_from_here))
         self._fused = WithClinical(network) if predictor.fusion else None
         self._cams: dict[str, object] = {}
+        self.last_features: np.ndarray | None = None
+        """Pooled (N, C) backbone features of the last batch where the CAM's layer is the
+        backbone's output (``None`` otherwise): what a shift detector scores, for free."""
+        self._layer_is_backbone = get_arch(network.arch).target_layer == "backbone"
         self.grid: tuple[int, int] | None = None
         """The target layer's spatial size (rows, columns) at the last call: the resolution
         of every map before it is resized to the image."""
@@ -172,7 +176,9 @@ class Explainer:
         if on_features:
             maps = grid_map_to_image(maps, batch.shape[-1], batch.shape[-2])
         logits = cam.outputs.detach().float().cpu()
-        self.grid = tuple(cam.activations_and_grads.activations[0].shape[-2:])
+        activations = cam.activations_and_grads.activations[0]
+        self.grid = tuple(activations.shape[-2:])
+        self.last_features = pool_features(activations) if self._layer_is_backbone else None
         cam.activations_and_grads.clear()
         return maps, calibrated_probabilities(logits, self.predictor.card.temperature)
 
@@ -188,15 +194,16 @@ class Explainer:
         return [ClassifierOutputSoftmaxTarget(class_index)] * len(batch)
 
     def explain_images(self, images: Sequence[np.ndarray], class_index: int | None = None,
-                       method: str = "gradcam", clinical: ClinicalValues | None = None
-                       ) -> tuple[list[np.ndarray], np.ndarray]:
+                       method: str = "gradcam", clinical: ClinicalValues | None = None,
+                       pixel_size_um: float | None = None) -> tuple[list[np.ndarray], np.ndarray]:
         """CAMs (0-1, each at its image's size) and calibrated probabilities (N, K) of RGB
         images, in one forward and backward pass, for ``class_index`` or each image's
         predicted class; a fusion model sees ``clinical`` with every image, as it did when
-        predicting. Outside the network's view (``view_zoom`` above 1) a map is zero: the
-        model did not see those pixels."""
+        predicting; images of a known ``pixel_size_um`` are brought to the training images'.
+        Outside the network's view (``view_zoom`` above 1) a map is zero: the model did not
+        see those pixels."""
         encoded = torch.tensor([encode(clinical)], dtype=torch.float32) if clinical is not None else None
-        maps, probs = self.explain_batch(self.predictor.tensors(images), class_index, method, encoded)
+        maps, probs = self.explain_batch(self.predictor.tensors(images, pixel_size_um), class_index, method, encoded)
         zoom = self.predictor.input_config.view_zoom
         return [map_to_image(m, rgb.shape[0], rgb.shape[1], zoom) for m, rgb in zip(maps, images)], probs
 

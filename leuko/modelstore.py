@@ -28,6 +28,7 @@ from leuko.data import InputConfig, file_sha256
 from leuko.nets import build_model
 from leuko.nets.unet import UNET_ARCHS, build_unet
 from leuko.paths import SHIPPED_MODELS, user_models_dir
+from leuko.shift import ShiftDetector
 from leuko.tasks import TASKS, get_task
 
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -77,6 +78,10 @@ class ModelCard:
                          "smear images; every result must be confirmed by a qualified person.")
     limitations: str = ("Trained on public single-centre image sets; accuracy on other microscopes, "
                         "stains and cameras is lower and must be checked locally. Not a diagnosis.")
+    shift: dict = field(default_factory=dict)
+    """The shift detector (:mod:`leuko.shift`) kept beside the weights: ``file``, its
+    ``sha256``, the ``threshold`` and how it was fitted; empty for a model without one
+    ("not measured")."""
 
     @property
     def input_config(self) -> InputConfig:
@@ -111,7 +116,7 @@ class ModelCard:
 CARD_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     **{name: (str,) for name in ("id", "task", "arch", "hardware", "weights_sha256", "weights_dtype",
                                  "pretrained_source", "created", "leuko_version", "intended_use", "limitations")},
-    **{name: (dict,) for name in ("input", "arch_config", "training", "data", "metrics")},
+    **{name: (dict,) for name in ("input", "arch_config", "training", "data", "metrics", "shift")},
     "classes": (list,), "temperature": (int, float), "review_threshold": (int, float, type(None)),
     "training_time_s": (int, float, type(None)), "default": (bool,),
 }
@@ -121,10 +126,11 @@ failing later where a field is used."""
 
 @dataclass
 class LoadedModel:
-    """A model in memory with its card."""
+    """A model in memory with its card, and its shift detector where the card has one."""
 
     card: ModelCard
     network: torch.nn.Module
+    shift: ShiftDetector | None = None
 
 
 @dataclass
@@ -340,7 +346,27 @@ class ModelStore:
             raise ModelIntegrityError(f"weights of {model_id!r} do not fit architecture "
                                       f"{card.arch!r}: {exc}") from exc
         network.pretrained_source = card.pretrained_source
-        return LoadedModel(card, network.eval())
+        return LoadedModel(card, network.eval(), self._load_shift(card, folder))
+
+    def _load_shift(self, card: ModelCard, folder: Path) -> ShiftDetector | None:
+        """The card's shift detector, its file checked against the card's sha256."""
+        if not card.shift:
+            return None
+        path = folder / card.shift["file"]
+        if not path.is_file() or file_sha256(path) != card.shift.get("sha256"):
+            raise ModelIntegrityError(f"shift statistics {path} are missing or do not match the card of "
+                                      f"{card.id!r}; refusing to load it")
+        return ShiftDetector.load(path)
+
+    def save_shift(self, model_id: str, detector: ShiftDetector, details: dict) -> ModelCard:
+        """Write a model's shift detector beside its weights and record it in its card
+        (``details``: how it was fitted); the weights are left as they are."""
+        card, folder = self.locate(model_id)
+        path = folder / f"{model_id}.shift.safetensors"
+        _atomic_write(path, detector.save)
+        card.shift = {"file": path.name, "sha256": file_sha256(path), "threshold": detector.threshold, **details}
+        _atomic_write(folder / f"{model_id}.json", lambda p: p.write_text(card.to_json()))
+        return card
 
 
 COMPARED_METRICS = (("accuracy", "Accuracy", True), ("balanced_accuracy", "Balanced accuracy", True),

@@ -15,6 +15,7 @@ from leuko.metrics import (expected_calibration_error, reliability_curve, review
                            roc_pr_curves)
 from leuko.modelstore import LoadedModel, ModelCard, ModelStore, hardware_description
 from leuko.progress import Callback, ProgressEvent
+from leuko.shiftfit import fit_model_shift
 from leuko.tasks import get_task
 from leuko.train import TrainResult, input_config_for, load_split, load_training_samples, resolve_config, train_model
 
@@ -49,11 +50,37 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
     return register_result(result, store, callbacks, folder, make_default, report_dir, test_samples)
 
 
+PIXEL_SIZE_SAMPLE = 400
+"""Training images whose red cells are measured for the model's training pixel size."""
+
+
+def training_scale(samples: list, view_zoom: float, seed: int = 0) -> dict[str, float | None]:
+    """The training images' physical scale, for :class:`leuko.data.InputConfig`: the median
+    micrometres per pixel of up to :data:`PIXEL_SIZE_SAMPLE` of them, from their red cells
+    (:mod:`leuko.scale`), and the width in micrometres of the network's view of a median
+    image; both ``None`` when no image shows enough red cells."""
+    import random
+
+    import numpy as np
+
+    from leuko.images import load_image
+    from leuko.scale import RED_CELL_UM, red_cell_diameter_px
+
+    chosen = random.Random(seed).sample(samples, min(PIXEL_SIZE_SAMPLE, len(samples)))
+    images = [np.asarray(load_image(s.path)) for s in chosen]
+    sizes = [RED_CELL_UM / d for d in map(red_cell_diameter_px, images) if d]
+    if not sizes:
+        return {"pixel_size_um": None, "view_um": None}
+    pixel_size = float(np.median(sizes))
+    side = float(np.median([min(image.shape[:2]) for image in images]))
+    return {"pixel_size_um": round(pixel_size, 4), "view_um": round(side / view_zoom * pixel_size, 2)}
+
+
 def register_result(result: TrainResult, store: ModelStore | None = None, callbacks: Iterable[Callback] = (),
                     folder: Path | None = None, make_default: bool = False, report_dir: Path | None = None,
                     test_samples: list | None = None) -> ModelCard | None:
-    """Calibrate a trained network on ``val``, evaluate it once on ``test`` and save it with
-    its card (the second half of :func:`train_and_register`, also used for a run trained on
+    """Calibrate a trained network on ``val``, evaluate it once on ``test``, save it with its
+    card and fit its shift detector on its training images (the second half of :func:`train_and_register`, also used for a run trained on
     another machine, :func:`load_exported_run`). Returns ``None`` when no epoch was validated."""
     store = store or ModelStore()
     callbacks = list(callbacks)
@@ -78,6 +105,7 @@ def register_result(result: TrainResult, store: ModelStore | None = None, callba
     loaded = LoadedModel(card, result.network.eval())
     splits = {"train": list({s.path: s for s in load_training_samples(config, task)}.values()),
               "val": load_split(config, task, "val"), "test": test_samples}
+    card.input.update(training_scale(splits["train"], result.input_config.view_zoom, config.seed))
     for listener in callbacks:
         listener(ProgressEvent("message", message="calibrating on val and evaluating on test"))
     val_logits, val_labels = model_logits(loaded, splits["val"], config.device)
@@ -107,6 +135,9 @@ def register_result(result: TrainResult, store: ModelStore | None = None, callba
                                                                       card.temperature)
         card.limitations = f"{SIMULATED_NOTICE} {card.limitations}"
     store.save(result.network, card, half=config.half_weights, folder=folder)
+    for listener in callbacks:
+        listener(ProgressEvent("message", message="fitting the shift detector on the training images"))
+    card = fit_model_shift(card.id, store, config.data_root, config.datasets)
     if report_dir is not None:
         write_report({"model": card.id, "task": task.id, "metrics": card.metrics["test"],
                       "curves": roc_pr_curves(test_labels, test_probs, task.class_ids),

@@ -29,6 +29,9 @@ class Task:
     classes: tuple[ClassInfo, ...]
     positive_class: str | None = None
     blast_classes: tuple[str, ...] = field(default_factory=tuple)
+    lymphoid_question: bool = False
+    """Whether the task's question presumes a lymphoid cell (a lymphocyte or lymphoblast), so
+    that it does not apply to a granulocyte (:class:`leuko.predict.CellTypeCheck`)."""
 
     @property
     def class_ids(self) -> list[str]:
@@ -99,6 +102,7 @@ TASKS: dict[str, Task] = {
             ),
             positive_class="ALL",
             blast_classes=("ALL",),
+            lymphoid_question=True,
         ),
         Task(
             id="ball_subtype",
@@ -114,6 +118,7 @@ TASKS: dict[str, Task] = {
                 ClassInfo("Pro", "Pro-B", "Malignant pro-B lymphoblast."),
             ),
             blast_classes=("Early", "Pre", "Pro"),
+            lymphoid_question=True,
         ),
         Task(
             id="wbc_type",

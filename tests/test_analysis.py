@@ -37,7 +37,8 @@ def test_crop_gives_one_explained_measured_cell(analyzer):
     assert cell.morphometrics["nucleus_area_px"] == pytest.approx(np.pi * 32 ** 2, rel=0.15)
     summary = result.summary()
     assert result.task.info(cell.prediction.label).display in summary and "not a diagnosis" in summary
-    assert ("unsure" in summary) == cell.prediction.needs_review
+    assert ("unsure" in summary) == (cell.prediction.needs_review and not cell.prediction.unfamiliar)
+    assert cell.prediction.unfamiliar and "has not seen images like these" in summary and cell.prediction.needs_review
     assert mask_overlay(cell.crop, cell.mask).shape == (160, 160, 3)
 
 

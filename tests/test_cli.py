@@ -48,7 +48,8 @@ def test_predict_prints_the_csv_contract_and_skips_unreadable_files(trained, bin
     assert run.returncode == 0, run.stderr
     rows = list(csv.DictReader(io.StringIO(run.stdout)))
     assert list(rows[0]) == ["path", "label", "confidence", "needs_review", "p_ALL", "p_normal",
-                             "cell", "x", "y", "width", "height", "error"]
+                             "shift_score", "unfamiliar", "cell", "x", "y", "width", "height", "error",
+                             "not_applicable"]
     unread = rows.pop()
     assert unread["path"].endswith("broken.png") and "not an image" in unread["error"]
     assert unread["label"] == unread["confidence"] == unread["p_ALL"] == ""
@@ -56,8 +57,11 @@ def test_predict_prints_the_csv_contract_and_skips_unreadable_files(trained, bin
     from leuko.predict import REVIEW_CONFIDENCE
     threshold = json.loads((trained / "models" / "cli-model.json").read_text())["review_threshold"] or REVIEW_CONFIDENCE
     clear = [row for row in rows if abs(float(row["confidence"]) - threshold) > 1e-5]
-    assert clear and all(row["needs_review"] == str(float(row["confidence"]) < threshold) for row in clear)
+    assert clear and all(row["needs_review"] == str(float(row["confidence"]) < threshold or row["unfamiliar"] == "True"
+                                                     or row["not_applicable"] != "") for row in clear)
+    shift = json.loads((trained / "models" / "cli-model.json").read_text())["shift"]
     for row in rows:
+        assert float(row["shift_score"]) > 0 and row["unfamiliar"] == str(float(row["shift_score"]) > shift["threshold"])
         assert abs(float(row["p_ALL"]) + float(row["p_normal"]) - 1.0) < 1e-5
         assert row["label"] in ("ALL", "normal")
         assert float(row["confidence"]) == max(float(row["p_ALL"]), float(row["p_normal"]))
@@ -199,7 +203,7 @@ def test_torchrun_trains_with_distributed_data_parallel_on_the_cpu(binary_folder
                           "--epochs", "1", "--batch-size", "8", "--workers", "0", "--model-id", "ddp",
                           "--out-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["ddp.json", "ddp.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["ddp.json", "ddp.safetensors", "ddp.shift.safetensors"]
     assert run.stdout.count("registered model ddp") == 1
 
 

@@ -172,8 +172,11 @@ def test_shared_manifest_splits_match_its_readme(shared_data):
     task = get_task("all_binary")
     sizes = {s: len(read_manifest(shared_data / "manifest.csv", task, s)) for s in ("train", "val", "test")}
     assert sizes == {"train": 182, "val": 26, "test": 26}
-    external = read_manifest(shared_data / "manifest.csv", get_task("wbc_type"), "external")
-    assert len(external) == 360 and {s.dataset for s in external} == {"wbc_seg_jtsc", "wbc_seg_cellavision"}
+    wbc = {split: read_manifest(shared_data / "manifest.csv", get_task("wbc_type"), split,
+                                ["wbc_seg_jtsc", "wbc_seg_cellavision"]) for split in ("train", "val", "test")}
+    assert {split: len(rows) for split, rows in wbc.items()} == {"train": 280, "val": 40, "test": 40}
+    with pytest.raises(ValueError, match="no rows"):
+        read_manifest(shared_data / "manifest.csv", get_task("wbc_type"), "external")
     sample = read_manifest(shared_data / "manifest.csv", get_task("ball_subtype"), "val")[0]
     tensor, _ = ImageDataset([sample], build_transform(InputConfig(input_size=64), True))[0]
     assert tensor.shape == (3, 64, 64)
