@@ -20,11 +20,12 @@ Evaluation (:func:`evaluate_fields`) matches found boxes to true leukocyte boxes
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -32,6 +33,9 @@ from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 
 from leuko.scale import red_cell_diameter_px
+
+if TYPE_CHECKING:
+    from leuko.segment import FieldConfig
 
 Box = tuple[int, int, int, int]
 """A box as (x, y, width, height) in pixels."""
@@ -60,7 +64,7 @@ class CandidateModel:
     def probability(self, values: dict[str, float]) -> float:
         """Probability (0-1) that a candidate with these feature values is a leukocyte."""
         x = (np.array([values[name] for name in self.features]) - self.mean) / np.array(self.scale)
-        return float(1.0 / (1.0 + math.exp(-(float(np.dot(self.coef, x)) + self.intercept))))
+        return 0.5 * (1.0 + math.tanh((float(np.dot(self.coef, x)) + self.intercept) / 2))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -76,8 +80,9 @@ MODEL_PATH = Path(__file__).with_name("cellfind_model.json")
 ``bionet_fields`` train split; see ``docs/cell-finding.md``)."""
 
 
+@functools.lru_cache(maxsize=4)
 def load_model(path: Path = MODEL_PATH) -> CandidateModel:
-    """The candidate classifier stored at ``path``."""
+    """The candidate classifier stored at ``path`` (read once per path)."""
     return CandidateModel.from_json(path.read_text())
 
 
@@ -93,9 +98,9 @@ class Candidate:
     probability: float = 0.0
 
 
-def nucleus_candidates(rgb: np.ndarray, config=None) -> list[Candidate]:
+def nucleus_candidates(rgb: np.ndarray, config: FieldConfig | None = None) -> list[Candidate]:
     """Every nucleus group of a field image with its features (steps 1 and 2 of the module's
-    method); ``config`` is a :class:`leuko.segment.FieldConfig`."""
+    method)."""
     from leuko.segment import FieldConfig, _disc, absolute_nucleus_score
 
     config = config or FieldConfig()
@@ -103,8 +108,7 @@ def nucleus_candidates(rgb: np.ndarray, config=None) -> list[Candidate]:
     scale = min(1.0, config.detection_side / min(height, width))
     small = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
                        interpolation=cv2.INTER_AREA) if scale < 1 else np.ascontiguousarray(rgb)
-    measured = red_cell_diameter_px(small)
-    red_cell = measured or config.fallback_red_cell * min(small.shape[:2])
+    red_cell = red_cell_diameter_px(small) or config.fallback_red_cell * min(small.shape[:2])
     score = cv2.GaussianBlur(absolute_nucleus_score(small), (0, 0), max(0.8, 0.03 * red_cell))
     level, peak = float(np.percentile(score, config.field_percentile)), float(score.max())
     if peak - level < config.min_rise:
@@ -163,13 +167,14 @@ def _absorb_lobes(groups: np.ndarray, margin: float) -> np.ndarray:
     return parent[groups]
 
 
-def find_leukocytes(rgb: np.ndarray, config=None, model: CandidateModel | None = None) -> list[Candidate]:
+def find_leukocytes(rgb: np.ndarray, config: FieldConfig | None = None,
+                    model: CandidateModel | None = None) -> list[Candidate]:
     """The leukocytes of a field image, each once: the nucleus groups (lobes merged) that the
     candidate classifier accepts with at least ``config.min_probability``."""
     from leuko.segment import FieldConfig
 
     config = config or FieldConfig()
-    model = model or _shipped_model()
+    model = model or load_model()
     found = []
     for candidate in nucleus_candidates(rgb, config):
         candidate.probability = model.probability(candidate.features)
@@ -180,15 +185,6 @@ def find_leukocytes(rgb: np.ndarray, config=None, model: CandidateModel | None =
 
 def _centre(box: Box) -> tuple[float, float]:
     return box[0] + box[2] / 2, box[1] + box[3] / 2
-
-
-_MODEL_CACHE: dict[Path, CandidateModel] = {}
-
-
-def _shipped_model() -> CandidateModel:
-    if MODEL_PATH not in _MODEL_CACHE:
-        _MODEL_CACHE[MODEL_PATH] = load_model()
-    return _MODEL_CACHE[MODEL_PATH]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +316,8 @@ def pseudo_fields(root: Path, dataset: str, split: str, fields: int = 3, tile: i
 # Fitting the candidate classifier
 
 
-def labelled_candidates(root: Path, split: str, config=None) -> tuple[np.ndarray, np.ndarray]:
+def labelled_candidates(root: Path, split: str,
+                        config: FieldConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Feature matrix (n, len(FEATURES)) and labels of every candidate of a ``bionet_fields``
     split: 1 for the largest candidate whose centre lies in a true leukocyte box, 0 for the rest
     (platelets, red cells, debris, and lobes that stayed apart, which the finder drops as
@@ -343,7 +340,7 @@ def labelled_candidates(root: Path, split: str, config=None) -> tuple[np.ndarray
 
 
 def fit_candidate_model(root: Path, split: str = "train", regularisation: float = 0.1,
-                        config=None) -> CandidateModel:
+                        config: FieldConfig | None = None) -> CandidateModel:
     """Fit the candidate classifier (scikit-learn's logistic regression on standardised
     :data:`FEATURES`, inverse regularisation ``regularisation``) on a ``bionet_fields`` split."""
     from sklearn.linear_model import LogisticRegression
