@@ -150,7 +150,7 @@ class TrainConfig:
 
     def _check_extra_train(self) -> None:
         """Extra sources may only add another task's ``train`` split: a task's own images, or
-        any val, test or external rows, would leak into training."""
+        any val or test rows, would leak into training."""
         for extra in self.extra_train or []:
             if not isinstance(extra, dict) or set(extra) - {"task", "split", "label_map"} \
                     or "task" not in extra or not isinstance(extra.get("label_map"), dict):
