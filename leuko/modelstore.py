@@ -398,10 +398,11 @@ class DefaultComparison:
 
 
 def _test_set(card: ModelCard) -> dict:
-    """What identifies the test split a card's figures come from: the data's source, the
-    manifest's digest, the datasets kept, and the images per class in ``test``."""
-    return {"source": card.data.get("source"), "manifest": card.data.get("manifest_sha256"),
-            "datasets": card.data.get("datasets"), "test": (card.data.get("split_sizes") or {}).get("test")}
+    """What identifies the test split a card's figures come from: the digest of its images and
+    labels (``data.test_sha256``, recorded since 2026-12-04), the datasets kept and the images
+    per class in ``test``."""
+    return {"digest": card.data.get("test_sha256"), "datasets": card.data.get("datasets"),
+            "test": (card.data.get("split_sizes") or {}).get("test")}
 
 
 def _test_set_refusal(model: ModelCard, default: ModelCard) -> str | None:
@@ -414,11 +415,12 @@ def _test_set_refusal(model: ModelCard, default: ModelCard) -> str | None:
         return (f"its test set is smaller than the default's ({mine['n']} images against {theirs['n']} for "
                 f"{default.id}), so its figures are less certain")
     ours, other = _test_set(model), _test_set(default)
-    differences = [f"{what} {ours[key]} against {other[key]}" for key, what in
-                   (("source", "data"), ("datasets", "datasets"), ("test", "test images per class"))
-                   if ours[key] != other[key]]
-    if ours["manifest"] != other["manifest"]:
-        differences.append(f"manifest version {str(ours['manifest'])[:12]} against {str(other['manifest'])[:12]}")
+    if ours["digest"] and other["digest"]:
+        differences = ([f"test images {ours['digest'][:12]} against {other['digest'][:12]}"]
+                       if ours["digest"] != other["digest"] else [])
+    else:
+        differences = [f"{what} {ours[key]} against {other[key]}" for key, what in
+                       (("datasets", "datasets"), ("test", "test images per class")) if ours[key] != other[key]]
     if differences:
         return (f"its test set is not the default's ({'; '.join(differences)}), so their figures cannot be "
                 f"compared: evaluate both on the same split (python -m leuko evaluate) or choose the default "

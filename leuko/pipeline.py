@@ -50,6 +50,18 @@ def train_and_register(config: TrainConfig, store: ModelStore | None = None,
     return register_result(result, store, callbacks, folder, make_default, report_dir, test_samples)
 
 
+def samples_digest(samples: list, root: Path) -> str:
+    """sha256 of a split's images (paths relative to ``root``) and labels, in sorted order:
+    two models with the same digest were tested on the same images, wherever the data lies."""
+    import hashlib
+
+    def name(path: Path) -> str:
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+
+    lines = sorted(f"{name(Path(s.path))}\t{s.label}" for s in samples)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 PIXEL_SIZE_SAMPLE = 400
 """Training images whose red cells are measured for the model's training pixel size."""
 
@@ -126,6 +138,7 @@ def register_result(result: TrainResult, store: ModelStore | None = None, callba
                  "manifest_sha256": file_sha256(source) if source.is_file() else None,
                  "datasets": config.datasets,
                  "split_sizes": {split: class_counts(samples, task) for split, samples in splits.items()},
+                 "test_sha256": samples_digest(splits["test"], Path(config.folder or config.data_root)),
                  "extra_train": config.extra_train}
     if config.simulated_clinical_seed is not None:
         from leuko.cohort import SIMULATED_NOTICE

@@ -100,9 +100,10 @@ def test_only_a_reviewer_may_make_a_trained_model_the_default_and_a_worse_one_on
     assert ModelStore().default_id("all_binary") == OTHER_ALL_MODEL
 
 
-def _registered_copy(home: Path, model_id: str, test_images: int, manifest: str | None = None) -> None:
+def _registered_copy(home: Path, model_id: str, test_images: int, test_digest: str | None = None) -> None:
     """The simulated fusion model registered again as ``model_id`` in the user's models
-    folder, its card claiming ``test_images`` test images (and another manifest digest)."""
+    folder, its card claiming ``test_images`` test images (and, with ``test_digest``, other
+    test images than the default's, whose card gets a digest too)."""
     shipped = Path(REPO_ROOT / "models")
     folder = home / "models"
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,19 +111,25 @@ def _registered_copy(home: Path, model_id: str, test_images: int, manifest: str 
     card["id"], card["default"] = model_id, False
     card["metrics"]["test"]["n"] = test_images
     card["data"]["split_sizes"]["test"] = {"ALL": test_images // 2, "normal": test_images - test_images // 2}
-    if manifest:
-        card["data"]["manifest_sha256"] = manifest
+    if test_digest:
+        card["data"]["test_sha256"] = test_digest
+        default = json.loads((shipped / "all_binary-lite0.json").read_text())
+        default["data"]["test_sha256"] = "1" * 64
+        (folder / "all_binary-lite0.json").write_text(json.dumps(default))
+        shutil.copyfile(shipped / "all_binary-lite0.safetensors", folder / "all_binary-lite0.safetensors")
+        shutil.copyfile(shipped / "all_binary-lite0.shift.safetensors", folder / "all_binary-lite0.shift.safetensors")
     (folder / f"{model_id}.json").write_text(json.dumps(card))
     shutil.copyfile(shipped / f"{OTHER_ALL_MODEL}.safetensors", folder / f"{model_id}.safetensors")
+    shutil.copyfile(shipped / card["shift"]["file"], folder / card["shift"]["file"])
 
 
-@pytest.mark.parametrize("test_images, manifest, reason", [
+@pytest.mark.parametrize("test_images, test_digest, reason", [
     (8, None, "its test set is smaller than the default's (8 images against 26 for all_binary-lite0)"),
-    (26, "0" * 64, "its test set is not the default's (manifest version 000000000000 against 579962f899cc)"),
+    (26, "0" * 64, "its test set is not the default's (test images 000000000000 against 111111111111)"),
 ])
-def test_a_model_tested_on_fewer_or_other_images_cannot_be_made_the_default(leuko_home, test_images, manifest,
+def test_a_model_tested_on_fewer_or_other_images_cannot_be_made_the_default(leuko_home, test_images, test_digest,
                                                                             reason):
-    _registered_copy(leuko_home, "all_binary-candidate", test_images, manifest)
+    _registered_copy(leuko_home, "all_binary-candidate", test_images, test_digest)
     _job(leuko_home, "all_binary-candidate-job", reported_model="all_binary-candidate")
     app = page("3_Train.py", REVIEWER)
     assert not app.exception and MAKE_DEFAULT not in _labels(app)
