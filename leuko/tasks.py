@@ -70,8 +70,9 @@ class Task:
 
     def differential_text(self, labels: Sequence[str]) -> str:
         """The differential of ``labels`` in one line: the classes present with counts and
-        percentages, e.g. ``Lymphocyte 3 (60%), Neutrophil 2 (40%)``."""
-        return ", ".join(f"{r['class']} {r['cells']} ({r['percent']:.0f}%)" for r in self.differential(labels)
+        percentages to one decimal, as a manual differential is written, e.g.
+        ``Lymphocyte 3 (60.0%), Neutrophil 2 (40.0%)``."""
+        return ", ".join(f"{r['class']} {r['cells']} ({r['percent']:.1f}%)" for r in self.differential(labels)
                          if r["cells"])
 
     def blast_count(self, labels: Sequence[str]) -> int | None:

@@ -32,7 +32,7 @@ def test_differential_counts_each_class_in_order_and_the_blast_share():
     labels = ["Pre", "Benign", "Pre", "Pro"]
     assert [(r["class"], r["cells"], r["percent"]) for r in ball.differential(labels)] == [
         ("Benign (hematogone)", 1, 25.0), ("Early Pre-B", 0, 0.0), ("Pre-B", 2, 50.0), ("Pro-B", 1, 25.0)]
-    assert ball.differential_text(labels) == "Benign (hematogone) 1 (25%), Pre-B 2 (50%), Pro-B 1 (25%)"
+    assert ball.differential_text(labels) == "Benign (hematogone) 1 (25.0%), Pre-B 2 (50.0%), Pro-B 1 (25.0%)"
     assert ball.blast_percent(labels) == 75.0
     assert ball.blast_percent([]) is None and get_task("wbc_type").blast_percent(["lymphocyte"]) is None
     assert all(r["percent"] == 0.0 for r in ball.differential([]))
