@@ -24,6 +24,7 @@ from leuko.explain import Explainer, draw_mask_outlines, energy_inside, overlay
 from leuko.images import ImageError, ImageInput, load_image, load_mask
 from leuko.morphometrics import measure_cell, shape_measures
 from leuko.predict import BATCH_SIZE, Prediction, Predictor
+from leuko.scale import RED_CELL_UM, red_cell_diameter_px
 from leuko.segment import (Cell, SegmentationError, chosen_segmenter, crop_problem, segment_image, segmenter_for,
                            segmenter_weights)
 from leuko.store import CellEntry, ImageEntry, PredictionEntry
@@ -43,6 +44,13 @@ MERGED_OUTLINE_SOLIDITY = 0.8
 several cells, and the summary says so. The learned segmenter's single-cell outlines measured
 0.84-0.99 on validation crops of PBC, ALL-IDB2 and both Zheng sets, the Aria multi-cell views
 a median of 0.59 (97% of them below 0.8 or above the area share)."""
+
+
+def field_pixel_size_um(rgb: np.ndarray) -> float | None:
+    """Micrometres per pixel of a field image from its red cells (a normal red cell is about
+    7.5 µm across; :mod:`leuko.scale`), or ``None`` when too few are seen."""
+    diameter = red_cell_diameter_px(rgb)
+    return RED_CELL_UM / diameter if diameter else None
 
 
 def merged_outline_reason(mask: np.ndarray) -> str | None:
@@ -170,6 +178,9 @@ class ImageAnalysis:
     flags: list[Flag] = field(default_factory=list)
     latency_ms: float = 0.0
     review_threshold: float | None = None
+    estimated_pixel_size_um: float | None = None
+    """Micrometres per pixel estimated from a field's red cells when none was given: the scale
+    its cells were classified at (morphometrics stay in pixels)."""
 
     @property
     def needs_review(self) -> bool:
@@ -215,6 +226,10 @@ class ImageAnalysis:
             if flagged:
                 listed = ", ".join(f"#{c.index} ({', '.join(w.kind for w in c.warnings)})" for c in flagged)
                 lines.append(f"**{len(flagged)} cell(s) need review** by a hematologist: {listed}.")
+        if self.estimated_pixel_size_um is not None:
+            lines.append(f"Cells were brought to the model's training scale with a pixel size estimated from this "
+                         f"field's red cells ({self.estimated_pixel_size_um:.3f} µm per pixel); give the microscope's "
+                         "pixel size where it is known.")
         lines += [f"CBC: {flag.describe()}" for flag in self.flags]
         lines.append("This is decision support, not a diagnosis.")
         return "\n\n".join(lines)
@@ -504,7 +519,8 @@ class Analyzer:
                 raise ImageError(f"{name}: {problem}")
             segmented.cells = [Cell((0, 0, rgb.shape[1], rgb.shape[0]), rgb, segmented.mask, False)]
         crops = [c.crop for c in segmented.cells]
-        predictions, cams = self._classify_and_explain(crops, clinical, class_id, method, pixel_size_um)
+        estimated = field_pixel_size_um(rgb) if segmented.kind == "field" and pixel_size_um is None and crops else None
+        predictions, cams = self._classify_and_explain(crops, clinical, class_id, method, pixel_size_um or estimated)
         cells = []
         for index, (cell, prediction, cam) in enumerate(zip(segmented.cells, predictions, cams), start=1):
             segmented_cell = bool(cell.mask.any())
@@ -516,5 +532,5 @@ class Analyzer:
         return ImageAnalysis(name=name, rgb=rgb, kind=segmented.kind, task=self.predictor.task, model_id=card.id,
                              weights_sha256=card.weights_sha256, cam_method=method,
                              mask=segmented.mask, cells=cells, flags=cbc_flags,
-                             review_threshold=self.predictor.review_confidence,
+                             review_threshold=self.predictor.review_confidence, estimated_pixel_size_um=estimated,
                              latency_ms=(time.perf_counter() - started) * 1000)

@@ -309,3 +309,12 @@ def test_a_case_whose_blood_count_disagrees_with_its_images_needs_review():
     assert case.findings() == findings("all_binary", ["normal"], ClinicalValues(blasts_pct=60.0)) != []
     assert case.needs_review and not normal.needs_review
     assert "**The blood count and the images disagree**" in case.summary() and case.findings()[0] in case.summary()
+
+
+def test_a_field_without_a_given_pixel_size_is_classified_at_the_scale_of_its_red_cells(analyzer):
+    field = sample_field(cells=3)
+    estimated = analyzer.analyze(field, "field.png", kind="field")
+    assert estimated.estimated_pixel_size_um is not None and 0.02 < estimated.estimated_pixel_size_um < 1.0
+    assert "estimated from this field's red cells" in estimated.summary()
+    given = analyzer.analyze(field, "field.png", kind="field", pixel_size_um=0.1)
+    assert given.estimated_pixel_size_um is None and "estimated from" not in given.summary()
