@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from leuko.analysis import AnalysisSettings, Analyzer
 from leuko.device import DeviceError
-from leuko.modelstore import ModelIntegrityError, ModelNotFoundError, ModelStore
+from leuko.modelstore import ModelIntegrityError, ModelNotFoundError
 from leuko.paths import REPO_ROOT, SHIPPED_MODELS
 from leuko.store import CaseStore, StoreUnavailableError
 from leuko.store.files import FileStore

@@ -3,8 +3,8 @@
 import io
 import re
 import zlib
-from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -85,8 +85,11 @@ def test_exif_rotated_photo_is_turned_upright():
 
 
 def test_a_6000x4000_field_photo_is_analysed_as_a_field():
-    rgb = np.full((4000, 6000, 3), (236, 214, 220), np.uint8)
-    rgb[1900:2100, 2900:3100] = (105, 45, 150)
+    from tests.test_cellfind import add_granulocyte, smear
+
+    small = smear(keep_clear=[((320, 240), 60)])
+    add_granulocyte(small, (320, 240))
+    rgb = cv2.resize(small, (6000, 4500), interpolation=cv2.INTER_LINEAR)[250:4250]
     image = load_image(_save(Image.fromarray(rgb), "JPEG", quality=90))
     result = segment_image(np.asarray(image), classical_segment)
     assert result.kind == "field" and len(result.cells) == 1

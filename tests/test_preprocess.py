@@ -66,5 +66,5 @@ def test_reinhard_keeps_a_blank_image_finite_and_refuses_an_unknown_method():
     blank = np.full((16, 16, 3), 240, np.uint8)
     out = apply_preprocessing(blank, PreprocessConfig(stain_normalization="reinhard"))
     assert out.shape == blank.shape and out.dtype == np.uint8 and (out == out[0, 0]).all()
-    with pytest.raises(ValueError, match="stain_normalization must be one of none, reinhard"):
-        PreprocessConfig(stain_normalization="macenko")
+    with pytest.raises(ValueError, match="stain_normalization must be one of none, reinhard, macenko"):
+        PreprocessConfig(stain_normalization="vahadane")
