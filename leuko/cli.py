@@ -69,10 +69,8 @@ def _crosslab(args: argparse.Namespace) -> int:
         print(crosslab.table([r.as_dict() for r in rows]))
     if args.then_train:
         best = crosslab.best_method(crosslab.read_rows(args.out))
-        overrides = dict(crosslab.METHODS[best])
-        preprocess = dict(config.preprocess.__dict__ if config.preprocess else {}, **overrides.pop("preprocess", {}))
-        final = config.with_overrides(**overrides, preprocess=preprocess, datasets=labs, out_dir=str(args.then_train),
-                                      epochs=args.final_epochs or config.epochs)
+        final = crosslab.method_config(config, best, datasets=labs, out_dir=str(args.then_train),
+                                       epochs=args.final_epochs or config.epochs)
         print(f"training {final.model_id} on {', '.join(labs)} with {best}")
         result = train_model(final, [TerminalProgress()])
         print(f"exported to {export_run(result, args.then_train)}")

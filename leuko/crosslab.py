@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from sklearn.metrics import balanced_accuracy_score
 
 from leuko.calibration import calibrated_probabilities, fit_temperature
 from leuko.config import TrainConfig
@@ -55,9 +56,12 @@ class HeldOutResult:
         return dict(self.__dict__)
 
 
-def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean recall over the classes present in ``labels``."""
-    return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
+def method_config(base: TrainConfig, method: str, **overrides) -> TrainConfig:
+    """``base`` with a method's settings (:data:`METHODS`; its preprocessing merged into the
+    base's) and ``overrides`` applied."""
+    settings = dict(METHODS[method])
+    preprocess = dict(base.preprocess.__dict__ if base.preprocess else {}, **settings.pop("preprocess", {}))
+    return base.with_overrides(**settings, preprocess=preprocess, **overrides)
 
 
 def held_out_samples(config: TrainConfig, lab: str) -> list:
@@ -71,10 +75,8 @@ def run_fold(base: TrainConfig, method: str, lab: str, labs: list[str], out_dir:
              callbacks: Iterable[Callback] = ()) -> HeldOutResult:
     """Train ``method`` without ``lab`` and measure it on ``lab``; the held-out logits and
     labels are written to ``out_dir/<method>-<lab>.npz``."""
-    overrides = dict(METHODS[method])
-    preprocess = dict((base.preprocess.__dict__ if base.preprocess else {}), **overrides.pop("preprocess", {}))
-    config = base.with_overrides(**overrides, preprocess=preprocess, datasets=[x for x in labs if x != lab],
-                                 model_id=f"lolo-{method.replace('+', '-')}-{lab}", out_dir=str(out_dir / "runs"))
+    config = method_config(base, method, datasets=[x for x in labs if x != lab],
+                           model_id=f"lolo-{method.replace('+', '-')}-{lab}", out_dir=str(out_dir / "runs"))
     result = train_model(config, callbacks)
     task = get_task(config.task)
     card = ModelCard(id=config.model_id, task=task.id, classes=task.class_ids, arch=config.arch,
@@ -90,7 +92,7 @@ def run_fold(base: TrainConfig, method: str, lab: str, labs: list[str], out_dir:
     probs = calibrated_probabilities(logits, temperature)
     best = fit_temperature(logits, labels)
     return HeldOutResult(method=method, held_out=lab, n=len(labels),
-                         balanced_accuracy=balanced_accuracy(labels, probs.argmax(1)),
+                         balanced_accuracy=float(balanced_accuracy_score(labels, probs.argmax(1))),
                          accuracy=float((probs.argmax(1) == labels).mean()),
                          ece=expected_calibration_error(labels, probs), temperature=temperature,
                          best_temperature=best,

@@ -6,11 +6,10 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from leuko.calibration import calibrated_probabilities
 from leuko.config import TrainConfig
-from leuko.crosslab import balanced_accuracy
 from leuko.data import Sample
 from leuko.modelstore import ModelCard, ModelStore
 from leuko.predict import BATCH_SIZE, Predictor
@@ -96,8 +95,8 @@ def measure_shift(model_id: str, seen: Sequence[Sample], unseen: Sequence[Sample
         auc=float(auc), seen_n=len(seen_scores), unseen_n=len(unseen_scores),
         seen_unfamiliar=float(predictor.shift.unfamiliar(seen_scores).mean()),
         unseen_unfamiliar=float(1.0 - familiar.mean()),
-        unseen_balanced_accuracy=balanced_accuracy(unseen_labels, predicted),
-        unseen_familiar_balanced_accuracy=(balanced_accuracy(unseen_labels[familiar], predicted[familiar])
+        unseen_balanced_accuracy=float(balanced_accuracy_score(unseen_labels, predicted)),
+        unseen_familiar_balanced_accuracy=(float(balanced_accuracy_score(unseen_labels[familiar], predicted[familiar]))
                                            if familiar.any() else None),
         unseen_familiar_accuracy=float((predicted[familiar] == unseen_labels[familiar]).mean()) if familiar.any() else None)
 
