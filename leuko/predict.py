@@ -295,7 +295,7 @@ class Predictor:
         skip bad files predict them one at a time.
         """
         def one_batch(start: int) -> list[Prediction]:
-            chunk = images[start:start + batch_size]
+            chunk = [load_image(image) for image in images[start:start + batch_size]]
             batch = self.tensors(chunk, pixel_size_um)
             if self.shift is not None and not self.tta and not self.fusion:
                 logits, features = self.logits_and_features(batch)
