@@ -13,7 +13,7 @@ from leuko.analysis import png_bytes
 from leuko.modelstore import ModelStore
 from leuko.paths import REPO_ROOT
 from leuko.segment import classical_segment
-from leuko.store import CaseStore, ImageEntry, PredictionEntry
+from leuko.store import CaseFilter, CaseStore, ImageEntry, PredictionEntry
 from tests.conftest import write_class_folder
 from tests.test_segment import stained_cell
 
@@ -424,9 +424,9 @@ def test_the_analyze_page_says_when_the_question_does_not_apply(leuko_home, exam
 
 
 def test_a_run_shows_the_case_first_with_its_differential_and_collapses_later_images(leuko_home, examples,
-                                                                                      monkeypatch):
+                                                                                      accounts, monkeypatch):
     _predicted_as(monkeypatch, ["normal", "normal", "ALL", "normal"])
-    app = page("1_Analyze.py")
+    app = page("1_Analyze.py", accounts["ann"])
     _number(app, "Peripheral blasts %").set_value(60.0).run()
     analyse_examples(app, ["examples: 000.png (ALL)", "examples: 001.png (ALL)", "examples: 000.png (normal)",
                            "examples: 001.png (normal)"])
@@ -445,6 +445,10 @@ def test_a_run_shows_the_case_first_with_its_differential_and_collapses_later_im
     app.button[0].click().run()
     summary = next(w.value for w in app.warning if w.value.startswith("4 image(s)"))
     assert "**The blood count and the images disagree**" in summary and "reports no blasts" in summary
+    next(b for b in app.button if b.label == "Save as case").click().run()
+    store = CaseStore(home=leuko_home)
+    assert store.case(1).count_disagrees and store.list_cases(CaseFilter(needs_review=True))[1] == 1
+    store.close()
 
 
 def test_differential_percentages_have_one_decimal_and_heading_and_bars_agree(leuko_home, examples, monkeypatch):

@@ -155,6 +155,16 @@ def test_history_filters_and_pagination(store):
     assert store.list_cases(CaseFilter(reference="H-1"))[1] == 2
 
 
+def test_a_case_whose_blood_count_disagreed_with_its_images_needs_review(store):
+    agreeing = store.save_case("AGREES", "adam", [crop(1)], clinical={"blasts_pct": 40.0})
+    disagreeing = store.save_case("DISAGREES", "adam", [crop(2, label="normal")], clinical={"blasts_pct": 60.0},
+                                  count_disagrees=True)
+    rows, total = store.list_cases(CaseFilter(needs_review=True))
+    assert total == 1 and rows[0]["reference"] == "DISAGREES" and rows[0]["needs_review"]
+    assert {r["id"]: r["needs_review"] for r in store.list_cases()[0]} == {agreeing: False, disagreeing: True}
+    assert store.case(disagreeing).count_disagrees and not store.case(agreeing).count_disagrees
+
+
 def test_agreement_statistics_match_scikit_learn(store):
     truth = ["ALL", "ALL", "normal", "normal", "ALL", "normal"]
     predicted = ["ALL", "normal", "normal", "normal", "ALL", "ALL"]
@@ -235,7 +245,7 @@ def test_predictions_and_sign_offs_logged_before_the_shift_columns_read_as_not_m
     store.close()
     found = case.images[0].predictions[0]
     assert (found.shift_score, found.unfamiliar, found.not_applicable) == (None, None, None)
-    assert case.sign_off.impression == ""
+    assert case.sign_off.impression == "" and case.count_disagrees is False
 
 
 def test_accounts_hash_passwords_and_lock_after_repeated_failures(store):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -58,6 +58,9 @@ class Case(Base):
     created_by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     status: Mapped[str] = mapped_column(String(16), default="new", index=True)
+    count_disagrees: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Whether the blood count and the images disagreed when the case was analysed
+    (:mod:`leuko.concordance`): such a case needs review like a flagged result."""
     images: Mapped[list["ImageRecord"]] = relationship(back_populates="case", cascade="all, delete-orphan",
                                                        order_by="ImageRecord.id")
     sign_off: Mapped["SignOff | None"] = relationship(back_populates="case", cascade="all, delete-orphan")

@@ -167,14 +167,15 @@ def _fit_name(name: str) -> str:
 
 def _flagged(task: str | None):
     """The condition "the case needs review": a result flagged for review (of ``task`` when
-    given), or a field in which no leukocyte was found."""
+    given), a field in which no leukocyte was found, or a blood count that disagreed with the
+    images."""
     flagged_result = (select(ImageRecord.case_id).join(Prediction, Prediction.image_id == ImageRecord.id)
                       .where(Prediction.needs_review.is_(True)))
     if task is not None:
         flagged_result = flagged_result.where(Prediction.task == task)
     empty_field = select(ImageRecord.case_id).where(ImageRecord.kind == "field",
                                                     ~exists().where(Cell.image_id == ImageRecord.id))
-    return or_(Case.id.in_(flagged_result), Case.id.in_(empty_field))
+    return or_(Case.id.in_(flagged_result), Case.id.in_(empty_field), Case.count_disagrees.is_(True))
 
 
 def counted_labels(case: Case) -> dict[str, list[str]]:
@@ -370,8 +371,10 @@ class CaseStore:
                           not_applicable=prediction.not_applicable)
 
     def save_case(self, reference: str, created_by: str, images: list[ImageEntry], notes: str = "",
-                  clinical: dict | None = None) -> int:
-        """Log a case with its images and results; returns the case id.
+                  clinical: dict | None = None, count_disagrees: bool = False) -> int:
+        """Log a case with its images and results; returns the case id. ``count_disagrees``
+        records that the blood count and the images disagreed (:mod:`leuko.concordance`), which
+        makes the case need review.
 
         All files are written before the transaction starts; the rows then commit together.
         A reference longer than :data:`REFERENCE_MAX_CHARS` is refused; an original file name
@@ -403,7 +406,8 @@ class CaseStore:
             self._lock_files(session, exclusive=False)
             for relative, data in contents:
                 self.files.keep(relative, data, created)
-            case = Case(reference=reference, notes=notes, clinical=clinical, created_by=created_by)
+            case = Case(reference=reference, notes=notes, clinical=clinical, created_by=created_by,
+                        count_disagrees=count_disagrees)
             session.add(case)
             session.flush()
             for image, path, digest, crops, predictions in stored:

@@ -336,8 +336,9 @@ def save_case(reference: str, notes: str) -> None:
     clinical = st.session_state.get("analysis_clinical")
     try:
         entries = [analysis.to_entry(data) for analysis, data in results]
+        disagrees = bool(CaseAnalysis([analysis for analysis, _ in results], clinical).findings())
         case_id = case_store().save_case(reference, user["name"], entries, notes,
-                                         clinical.present() if clinical else None)
+                                         clinical.present() if clinical else None, disagrees)
     except (StoreError, StoreUnavailableError) as exc:
         st.error(f"The case was not saved: {plain(exc)}. Your results are kept; try again.")
         return
