@@ -17,8 +17,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # A plain ADD COLUMN: batch mode would rebuild the cases table on SQLite, and dropping the
-    # old one cascades to every image and result of the case log.
+    # A plain ADD COLUMN: in batch mode this column made Alembic rebuild the cases table on
+    # SQLite, and dropping the old table cascaded to the images and results of an upgraded log.
     op.add_column('cases', sa.Column('count_disagrees', sa.Boolean(), nullable=False, server_default=sa.false()))
 
 
