@@ -24,6 +24,7 @@ from leuko.explain import Explainer, draw_mask_outlines, energy_inside, overlay
 from leuko.images import ImageError, ImageInput, load_image, load_mask
 from leuko.morphometrics import measure_cell, shape_measures
 from leuko.predict import BATCH_SIZE, Prediction, Predictor
+from leuko.data import physical_side, square_about
 from leuko.scale import RED_CELL_UM, red_cell_diameter_px
 from leuko.segment import (Cell, SegmentationError, chosen_segmenter, crop_problem, segment_image, segmenter_for,
                            segmenter_weights)
@@ -44,6 +45,21 @@ MERGED_OUTLINE_SOLIDITY = 0.8
 several cells, and the summary says so. The learned segmenter's single-cell outlines measured
 0.84-0.99 on validation crops of PBC, ALL-IDB2 and both Zheng sets, the Aria multi-cell views
 a median of 0.59 (97% of them below 0.8 or above the area share)."""
+
+
+def on_box(square_map: np.ndarray, centre: tuple[float, float], box: tuple[int, int, int, int]) -> np.ndarray:
+    """A map over the square cut about ``centre`` from a field (:func:`leuko.data.square_about`)
+    placed on a cell's box (x, y, w, h, field pixels): the part of the square over the box,
+    zero where the square does not reach."""
+    side = square_map.shape[0]
+    x0, y0 = int(round(centre[0] - side / 2)), int(round(centre[1] - side / 2))
+    x, y, width, height = box
+    out = np.zeros((height, width), square_map.dtype)
+    top, left = max(y, y0), max(x, x0)
+    bottom, right = min(y + height, y0 + side), min(x + width, x0 + side)
+    if bottom > top and right > left:
+        out[top - y:bottom - y, left - x:right - x] = square_map[top - y0:bottom - y0, left - x0:right - x0]
+    return out
 
 
 def field_pixel_size_um(rgb: np.ndarray) -> float | None:
@@ -179,8 +195,9 @@ class ImageAnalysis:
     latency_ms: float = 0.0
     review_threshold: float | None = None
     estimated_pixel_size_um: float | None = None
-    """Micrometres per pixel estimated from a field's red cells when none was given: the scale
-    its cells were classified at (morphometrics stay in pixels)."""
+    """Micrometres per pixel estimated from a field's red cells when none was given and the
+    model records its training scale: the scale its cells were classified at, each cut from the
+    field as a square of the model's physical view (morphometrics stay in pixels)."""
 
     @property
     def needs_review(self) -> bool:
@@ -189,8 +206,9 @@ class ImageAnalysis:
 
     @property
     def labels(self) -> list[str]:
-        """The predicted class id of each cell."""
-        return [c.prediction.label for c in self.cells]
+        """The predicted class id of each cell the task's question applies to: a cell marked
+        not applicable (a granulocyte asked a lymphoid question) has no answer to count."""
+        return [c.prediction.label for c in self.cells if not c.prediction.not_applicable]
 
     def differential(self) -> list[dict]:
         """Per class: count and percentage of the cells (whole cells and cut ones alike)."""
@@ -500,7 +518,7 @@ class Analyzer:
         for start in range(0, len(crops), BATCH_SIZE):
             chunk = crops[start:start + BATCH_SIZE]
             batch_cams, probs = self.explainer.explain_images(chunk, index, method, clinical, pixel_size_um)
-            predictions += predictor.annotate(probs, chunk, self.explainer.last_features)
+            predictions += predictor.annotate(probs, chunk, self.explainer.last_features, pixel_size_um=pixel_size_um)
             cams += batch_cams
         return predictions, cams
 
@@ -518,9 +536,19 @@ class Analyzer:
             if problem:
                 raise ImageError(f"{name}: {problem}")
             segmented.cells = [Cell((0, 0, rgb.shape[1], rgb.shape[0]), rgb, segmented.mask, False)]
-        crops = [c.crop for c in segmented.cells]
-        estimated = field_pixel_size_um(rgb) if segmented.kind == "field" and pixel_size_um is None and crops else None
-        predictions, cams = self._classify_and_explain(crops, clinical, class_id, method, pixel_size_um or estimated)
+        config = self.predictor.input_config
+        scaled = segmented.kind == "field" and pixel_size_um is None and segmented.cells and config.view_um
+        estimated = field_pixel_size_um(rgb) if scaled else None
+        side = physical_side(pixel_size_um or estimated, config.view_um, config.view_zoom)
+        if segmented.kind == "field" and side is not None:
+            centres = [(x + w / 2, y + h / 2) for x, y, w, h in (c.box for c in segmented.cells)]
+            squares = [square_about(rgb, centre, side) for centre in centres]
+            predictions, square_cams = self._classify_and_explain(squares, clinical, class_id, method,
+                                                                   pixel_size_um or estimated)
+            cams = [on_box(cam, centre, cell.box) for cam, centre, cell in zip(square_cams, centres, segmented.cells)]
+        else:
+            predictions, cams = self._classify_and_explain([c.crop for c in segmented.cells], clinical, class_id,
+                                                           method, pixel_size_um)
         cells = []
         for index, (cell, prediction, cam) in enumerate(zip(segmented.cells, predictions, cams), start=1):
             segmented_cell = bool(cell.mask.any())

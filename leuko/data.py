@@ -82,25 +82,49 @@ class Sample:
     clinical: ClinicalValues | None = None
 
 
+def physical_side(pixel_size_um: float | None, view_um: float | None, view_zoom: float) -> int | None:
+    """Side in pixels of the square whose central 1/``view_zoom`` spans ``view_um``
+    micrometres at ``pixel_size_um`` micrometres per pixel; ``None`` when either is unknown."""
+    if not pixel_size_um or not view_um:
+        return None
+    return max(1, round(view_um / pixel_size_um * view_zoom))
+
+
+def square_about(rgb: np.ndarray, centre: tuple[float, float], side: int) -> np.ndarray:
+    """The ``side`` x ``side`` square of ``rgb`` centred on ``centre`` (x, y pixels), mirrored
+    beyond the image's border."""
+    height, width = rgb.shape[:2]
+    x0, y0 = int(round(centre[0] - side / 2)), int(round(centre[1] - side / 2))
+    pad = max(0, -x0, -y0, x0 + side - width, y0 + side - height)
+    if pad:
+        rgb = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REFLECT_101)
+    return np.ascontiguousarray(rgb[y0 + pad:y0 + pad + side, x0 + pad:x0 + pad + side])
+
+
 def physical_view(image: Image.Image, pixel_size_um: float | None, view_um: float | None,
                   view_zoom: float) -> Image.Image:
-    """``image`` cut or padded (mirrored) about its centre so that the network's view (the
-    central 1/``view_zoom``, :class:`CentreView`) spans ``view_um`` micrometres, as it did in
-    training: a cell photographed at another magnification then fills as much of the view as
-    the training cells did. Unchanged when the image's ``pixel_size_um`` or the model's
-    ``view_um`` is unknown."""
-    if not pixel_size_um or not view_um:
+    """``image`` cut or padded (mirrored) about its centre to :func:`physical_side`, so that
+    the network's view (the central 1/``view_zoom``, :class:`CentreView`) spans ``view_um``
+    micrometres, as it did in training: a cell photographed at another magnification then
+    fills as much of the view as the training cells did. Unchanged when the image's
+    ``pixel_size_um`` or the model's ``view_um`` is unknown. A cell in a larger image should be
+    cut from it at this side (:func:`square_about`) rather than padded."""
+    side = physical_side(pixel_size_um, view_um, view_zoom)
+    if side is None or (image.width == image.height == side):
         return image
-    side = max(1, round(view_um / pixel_size_um * view_zoom))
-    array = np.asarray(image)
-    height, width = array.shape[:2]
-    pad_y, pad_x = max(0, side - height), max(0, side - width)
-    if pad_y or pad_x:
-        array = cv2.copyMakeBorder(array, pad_y // 2, pad_y - pad_y // 2, pad_x // 2, pad_x - pad_x // 2,
-                                   cv2.BORDER_REFLECT_101)
-        height, width = array.shape[:2]
-    top, left = (height - side) // 2, (width - side) // 2
-    return Image.fromarray(np.ascontiguousarray(array[top:top + side, left:left + side]))
+    return Image.fromarray(square_about(np.asarray(image), (image.width / 2, image.height / 2), side))
+
+
+def from_physical_view(placed: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A map over the square :func:`physical_view` made of a ``height`` x ``width`` image,
+    placed back on that image's pixels (the inverse cut; zero where the square did not reach)."""
+    side = placed.shape[0]
+    out = np.zeros((height, width), placed.dtype)
+    x0, y0 = int(round(width / 2 - side / 2)), int(round(height / 2 - side / 2))
+    top, left = max(0, y0), max(0, x0)
+    bottom, right = min(height, y0 + side), min(width, x0 + side)
+    out[top:bottom, left:right] = placed[top - y0:bottom - y0, left - x0:right - x0]
+    return out
 
 
 def view_box(height: int, width: int, zoom: float) -> tuple[int, int, int, int]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from leuko.calibration import calibrated_probabilities
 from leuko.clinical import ClinicalValues, encode
-from leuko.data import CentreView, view_box
+from leuko.data import CentreView, from_physical_view, physical_side, view_box
 from leuko.images import ImageInput, load_image, load_mask
 from leuko.nets import get_arch, resolve_target_layer
 from leuko.predict import Predictor, pool_features
@@ -199,13 +199,17 @@ class Explainer:
         """CAMs (0-1, each at its image's size) and calibrated probabilities (N, K) of RGB
         images, in one forward and backward pass, for ``class_index`` or each image's
         predicted class; a fusion model sees ``clinical`` with every image, as it did when
-        predicting; images of a known ``pixel_size_um`` are brought to the training images'.
-        Outside the network's view (``view_zoom`` above 1) a map is zero: the model did not
+        predicting; images of a known ``pixel_size_um`` are cut to the training images' physical
+        view (:func:`leuko.data.physical_view`) and their maps placed back. Outside the network's view (``view_zoom`` above 1) a map is zero: the model did not
         see those pixels."""
         encoded = torch.tensor([encode(clinical)], dtype=torch.float32) if clinical is not None else None
         maps, probs = self.explain_batch(self.predictor.tensors(images, pixel_size_um), class_index, method, encoded)
-        zoom = self.predictor.input_config.view_zoom
-        return [map_to_image(m, rgb.shape[0], rgb.shape[1], zoom) for m, rgb in zip(maps, images)], probs
+        config = self.predictor.input_config
+        side = physical_side(pixel_size_um, config.view_um, config.view_zoom)
+        if side is None:
+            return [map_to_image(m, rgb.shape[0], rgb.shape[1], config.view_zoom) for m, rgb in zip(maps, images)], probs
+        return [from_physical_view(map_to_image(m, side, side, config.view_zoom), rgb.shape[0], rgb.shape[1])
+                for m, rgb in zip(maps, images)], probs
 
     def explain(self, image: ImageInput, class_id: str | None = None, method: str = "gradcam",
                 clinical: ClinicalValues | None = None) -> Explanation:

@@ -69,8 +69,8 @@ PIXEL_SIZE_SAMPLE = 400
 def training_scale(samples: list, view_zoom: float, seed: int = 0) -> dict[str, float | None]:
     """The training images' physical scale, for :class:`leuko.data.InputConfig`: the median
     micrometres per pixel of up to :data:`PIXEL_SIZE_SAMPLE` of them, from their red cells
-    (:mod:`leuko.scale`), and the width in micrometres of the network's view of a median
-    image; both ``None`` when no image shows enough red cells."""
+    (:mod:`leuko.scale`), and the median width in micrometres of the network's view of those
+    images; both ``None`` when no image shows enough red cells."""
     import random
 
     import numpy as np
@@ -79,13 +79,17 @@ def training_scale(samples: list, view_zoom: float, seed: int = 0) -> dict[str, 
     from leuko.scale import RED_CELL_UM, red_cell_diameter_px
 
     chosen = random.Random(seed).sample(samples, min(PIXEL_SIZE_SAMPLE, len(samples)))
-    images = [np.asarray(load_image(s.path)) for s in chosen]
-    sizes = [RED_CELL_UM / d for d in map(red_cell_diameter_px, images) if d]
-    if not sizes:
+    measured = []
+    for sample in chosen:
+        image = np.asarray(load_image(sample.path))
+        diameter = red_cell_diameter_px(image)
+        if diameter:
+            pixel_size = RED_CELL_UM / diameter
+            measured.append((pixel_size, min(image.shape[:2]) * pixel_size / view_zoom))
+    if not measured:
         return {"pixel_size_um": None, "view_um": None}
-    pixel_size = float(np.median(sizes))
-    side = float(np.median([min(image.shape[:2]) for image in images]))
-    return {"pixel_size_um": round(pixel_size, 4), "view_um": round(side / view_zoom * pixel_size, 2)}
+    sizes, views = zip(*measured)
+    return {"pixel_size_um": round(float(np.median(sizes)), 4), "view_um": round(float(np.median(views)), 2)}
 
 
 def register_result(result: TrainResult, store: ModelStore | None = None, callbacks: Iterable[Callback] = (),

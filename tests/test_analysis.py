@@ -271,6 +271,7 @@ def test_an_unfamiliar_field_says_so_with_its_highest_score():
             "check every result (highest shift score 9.12)") in summary
     assert "1 of 4 cells: not a lymphocyte**: this question does not apply" in summary
     assert "3 cell(s) need review** by a hematologist: #2 (unfamiliar), #3 (unfamiliar), #4 (not applicable)" in summary
+    assert len(_image(cells, "field.png", "field").labels) == 3  # the cell the question does not fit is not counted
 
 
 def test_to_entry_carries_the_shift_fields():
@@ -313,8 +314,12 @@ def test_a_case_whose_blood_count_disagrees_with_its_images_needs_review():
 
 def test_a_field_without_a_given_pixel_size_is_classified_at_the_scale_of_its_red_cells(analyzer):
     field = sample_field(cells=3)
-    estimated = analyzer.analyze(field, "field.png", kind="field")
-    assert estimated.estimated_pixel_size_um is not None and 0.02 < estimated.estimated_pixel_size_um < 1.0
-    assert "estimated from this field's red cells" in estimated.summary()
-    given = analyzer.analyze(field, "field.png", kind="field", pixel_size_um=0.1)
-    assert given.estimated_pixel_size_um is None and "estimated from" not in given.summary()
+    assert analyzer.predictor.input_config.view_um is None
+    assert analyzer.analyze(field, "field.png", kind="field").estimated_pixel_size_um is None
+    with Analyzer(AnalysisSettings("wbc_type", segmenter="classical")) as typing:
+        estimated = typing.analyze(field, "field.png", kind="field")
+        assert estimated.estimated_pixel_size_um is not None and 0.02 < estimated.estimated_pixel_size_um < 1.0
+        assert "estimated from this field's red cells" in estimated.summary()
+        assert all(c.cam.shape == c.crop.shape[:2] for c in estimated.cells)
+        given = typing.analyze(field, "field.png", kind="field", pixel_size_um=0.1)
+        assert given.estimated_pixel_size_um is None and "estimated from" not in given.summary()
