@@ -429,7 +429,7 @@ def _explain(args: argparse.Namespace) -> int:
     from leuko.predict import Predictor
 
     paths = _input_images(args.paths, Path(args.out_dir))
-    predictor = Predictor(args.model, task=args.task, device=args.device)
+    predictor = Predictor(args.model, task=args.task, device=args.device, check_cell_type=False)
     cells_of = _CellsOf(args.kind, args.device)
     out_dir = mark_output_folder(Path(args.out_dir))
     done, used = 0, set()
@@ -457,7 +457,7 @@ def _evaluate_cam(args: argparse.Namespace) -> int:
     from leuko.predict import Predictor
     from leuko.segment import make_segmenter
 
-    predictor = Predictor(args.model, task=args.task, device=args.device)
+    predictor = Predictor(args.model, task=args.task, device=args.device, check_cell_type=False)
     samples = read_manifest(Path(args.data or default_data_root()) / "manifest.csv", predictor.task, args.split)
     if args.limit:
         samples = samples[:: max(1, len(samples) // args.limit)][: args.limit]

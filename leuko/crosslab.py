@@ -104,6 +104,9 @@ def leave_one_lab_out(base: TrainConfig, labs: list[str], methods: list[str], ou
                       callbacks: Iterable[Callback] = ()) -> list[HeldOutResult]:
     """Every fold of every method; each row is appended to ``out_dir/rows.jsonl`` as soon as
     it is measured, so a run cut short keeps what it finished."""
+    if base.extra_train:
+        raise ValueError("leave-one-lab-out cannot use extra_train: extra sources are not split by lab, so the "
+                         "lab left out could reach training through them")
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}; known: {', '.join(METHODS)}")

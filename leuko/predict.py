@@ -112,14 +112,15 @@ class CellTypeCheck:
         self.predictor = Predictor(task="wbc_type", store=store, device=device, backend=backend,
                                    check_cell_type=False)
 
-    def reasons(self, images: Sequence[ImageInput]) -> list[str | None]:
-        """Per image: why the question does not apply, or ``None``."""
+    def reasons(self, images: Sequence[ImageInput], pixel_size_um: float | None = None) -> list[str | None]:
+        """Per image (of ``pixel_size_um`` micrometres per pixel, where known): why the
+        question does not apply, or ``None``."""
         reasons = []
-        for reading in self.predictor.predict(images):
+        for reading in self.predictor.predict(images, pixel_size_um=pixel_size_um):
             granulocyte = (reading.label in GRANULOCYTES and reading.confidence >= NOT_APPLICABLE_CONFIDENCE
                            and not reading.unfamiliar)
-            reasons.append(f"not a lymphocyte (reads as {reading.label}, {reading.confidence:.1%}): "
-                           "this question does not apply" if granulocyte else None)
+            reasons.append(f"not a lymphocyte (reads as {reading.label}, {reading.confidence:.1%})"
+                           if granulocyte else None)
         return reasons
 
 
@@ -251,12 +252,6 @@ class Predictor:
         logits = self.network(images) if self.fusion else self.network.head(maps)
         return logits.float().cpu(), pool_features(maps)
 
-    def shift_scores(self, batch: torch.Tensor) -> np.ndarray | None:
-        """Shift scores (N,) of a preprocessed batch, or ``None`` without a shift detector."""
-        if self.shift is None:
-            return None
-        return self.shift.scores(self.logits_and_features(batch)[1])
-
     def to_predictions(self, probabilities: np.ndarray, shift_scores: np.ndarray | None = None,
                        not_applicable: Sequence[str | None] | None = None) -> list[Prediction]:
         """One :class:`Prediction` per row of calibrated (N, K) probabilities, flagged for
@@ -272,16 +267,18 @@ class Predictor:
         return predictions
 
     def annotate(self, probabilities: np.ndarray, images: Sequence[ImageInput],
-                 features: np.ndarray | None = None, batch: torch.Tensor | None = None) -> list[Prediction]:
+                 features: np.ndarray | None = None, batch: torch.Tensor | None = None,
+                 pixel_size_um: float | None = None) -> list[Prediction]:
         """Predictions of ``images`` from their calibrated probabilities, with shift scores
-        (from pooled ``features`` when the caller has them, else from ``batch`` or the
-        images) and the lymphoid-question check."""
+        (from pooled ``features`` when the caller has them, else from ``batch`` or the images
+        at ``pixel_size_um``, as they were classified) and the lymphoid-question check."""
         scores = None
         if self.shift is not None:
             if features is None:
-                features = self.logits_and_features(batch if batch is not None else self.tensors(images))[1]
+                features = self.logits_and_features(batch if batch is not None
+                                                    else self.tensors(images, pixel_size_um))[1]
             scores = self.shift.scores(features)
-        reasons = self.cell_check.reasons(images) if self.cell_check is not None else None
+        reasons = self.cell_check.reasons(images, pixel_size_um) if self.cell_check is not None else None
         return self.to_predictions(probabilities, scores, reasons)
 
     def predict(self, images: Sequence[ImageInput], batch_size: int = BATCH_SIZE,
@@ -299,11 +296,12 @@ class Predictor:
             batch = self.tensors(chunk, pixel_size_um)
             if self.shift is not None and not self.tta and not self.fusion:
                 logits, features = self.logits_and_features(batch)
-                return self.annotate(calibrated_probabilities(logits, self.card.temperature), chunk, features)
+                return self.annotate(calibrated_probabilities(logits, self.card.temperature), chunk, features,
+                                     pixel_size_um=pixel_size_um)
             encoded = None
             if clinical is not None:
                 encoded = torch.tensor([encode(v) for v in clinical[start:start + batch_size]], dtype=torch.float32)
-            return self.annotate(self.probabilities(batch, encoded), chunk, batch=batch)
+            return self.annotate(self.probabilities(batch, encoded), chunk, batch=batch, pixel_size_um=pixel_size_um)
 
         starts = range(0, len(images), batch_size)
         if len(starts) < 2:

@@ -13,7 +13,7 @@ from leuko.config import TrainConfig
 from leuko.data import Sample
 from leuko.modelstore import ModelCard, ModelStore
 from leuko.predict import BATCH_SIZE, Predictor
-from leuko.shift import PCA_DIMS, UNFAMILIAR_QUANTILE, ShiftDetector
+from leuko.shift import UNFAMILIAR_QUANTILE, ShiftDetector
 from leuko.tasks import get_task
 from leuko.train import load_split, load_training_samples, resolve_config
 
@@ -53,7 +53,8 @@ def fit_model_shift(model_id: str, store: ModelStore | None = None, data_root: s
     val_features, _, _ = features_of(predictor, val)
     detector = ShiftDetector.fit(train_features, train_labels, val_features)
     return store.save_shift(model_id, detector, {
-        "method": f"Mahalanobis distance to the nearest class, probabilistic PCA ({PCA_DIMS} directions)",
+        "method": ("Mahalanobis distance to the nearest class, probabilistic PCA "
+                   f"({detector.components.shape[0]} directions)"),
         "fitted_on": {"train": len(train), "val": len(val), "datasets": config.datasets},
         "val_unfamiliar_share": round(1.0 - UNFAMILIAR_QUANTILE, 3)})
 

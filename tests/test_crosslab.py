@@ -59,6 +59,9 @@ def test_each_fold_measures_the_lab_left_out_and_keeps_its_rows(two_labs, tmp_pa
     assert crosslab.best_method(crosslab.read_rows(tmp_path)) == "reinhard"
     with pytest.raises(ValueError, match="unknown method"):
         crosslab.leave_one_lab_out(base_config(two_labs), list(LABS), ["histogram"], tmp_path)
+    extra = base_config(two_labs).with_overrides(extra_train=[{"task": "ball_subtype", "label_map": {"Pro": "ALL"}}])
+    with pytest.raises(ValueError, match="cannot use extra_train"):
+        crosslab.leave_one_lab_out(extra, list(LABS), ["reinhard"], tmp_path)
 
 
 def test_a_run_trained_elsewhere_is_exported_then_registered_with_its_test_figures(two_labs, tmp_path, monkeypatch):

@@ -155,6 +155,17 @@ def test_history_filters_and_pagination(store):
     assert store.list_cases(CaseFilter(reference="H-1"))[1] == 2
 
 
+def test_a_cell_the_question_did_not_fit_is_not_counted_until_a_reviewer_labels_it(store):
+    from leuko.store.service import counted_labels
+
+    granulocyte = crop(3, label="ALL", needs_review=True)
+    granulocyte.prediction.not_applicable = "not a lymphocyte (reads as neutrophil, 99.0%)"
+    case_id = store.save_case("NA", "adam", [crop(4, label="normal"), granulocyte])
+    assert counted_labels(store.case(case_id)) == {"all_binary": ["normal"]}
+    store.review(store.case(case_id).images[1].id, "rita", "normal")
+    assert counted_labels(store.case(case_id)) == {"all_binary": ["normal", "normal"]}
+
+
 def test_a_case_whose_blood_count_disagreed_with_its_images_needs_review(store):
     agreeing = store.save_case("AGREES", "adam", [crop(1)], clinical={"blasts_pct": 40.0})
     disagreeing = store.save_case("DISAGREES", "adam", [crop(2, label="normal")], clinical={"blasts_pct": 60.0},

@@ -181,12 +181,14 @@ def _flagged(task: str | None):
 def counted_labels(case: Case) -> dict[str, list[str]]:
     """Per task, the label of every leukocyte of a loaded case that counts in its differential:
     each crop and each field cell, with the reviewer's latest final label where given, else the
-    model's. Cells reviewed as :data:`EXCLUDED_LABELS`, and cells without a prediction, are
-    left out."""
+    model's. Cells reviewed as :data:`EXCLUDED_LABELS`, cells without a prediction, and
+    unreviewed cells the task's question did not apply to (``not_applicable``), are left out."""
     labels: dict[str, list[str]] = {}
     for image in case.images:
         finals = {review.cell_id: review.final_label for review in image.reviews}
         for prediction in image.predictions:
+            if prediction.cell_id not in finals and prediction.not_applicable:
+                continue
             label = finals.get(prediction.cell_id, prediction.label)
             if label not in (NO_LEUKOCYTE, *EXCLUDED_LABELS):
                 labels.setdefault(prediction.task, []).append(label)
