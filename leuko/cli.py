@@ -160,10 +160,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 class _CellsOf:
     """Splits an image into what a classifier should see: a single-cell crop as it is, a field of
     view (:func:`leuko.segment.resolve_kind`) into each leukocyte's crop, cut as the Analyze page
-    cuts it. The segmenter loads on the first field."""
+    cuts it: for a model that records its training view, a square of that physical view cut
+    from the field at the given pixel size or the one its red cells give. The segmenter loads
+    on the first field."""
 
-    def __init__(self, kind: str, device: str | None) -> None:
+    def __init__(self, kind: str, device: str | None, input_config=None, pixel_size_um: float | None = None) -> None:
         self.kind, self.device, self.segment = kind, device, None
+        self.input_config, self.pixel_size_um = input_config, pixel_size_um
 
     def __call__(self, path: Path, image) -> list[tuple[int | None, object, tuple[int, int, int, int] | None]]:
         """(cell number or None for a crop, RGB image, box x, y, w, h in pixels or None) per cell;
@@ -172,6 +175,8 @@ class _CellsOf:
         field needs the segmenter and it cannot be loaded (a damaged model file)."""
         import numpy as np
 
+        from leuko.analysis import field_pixel_size_um
+        from leuko.data import physical_side, square_about
         from leuko.modelstore import ModelIntegrityError
         from leuko.segment import SegmentationError, crop_problem, make_segmenter, resolve_kind, segment_image
 
@@ -185,10 +190,18 @@ class _CellsOf:
                 self.segment = make_segmenter("auto", device=self.device)
             except (ModelIntegrityError, OSError) as exc:
                 raise SegmentationError(f"a field of view needs the segmenter, which could not be loaded: {exc}") from exc
-        cells = segment_image(np.asarray(image), self.segment, "field").cells
+        rgb = np.asarray(image)
+        cells = segment_image(rgb, self.segment, "field").cells
         if not cells:
             print(f"{path}: no leukocyte found", file=sys.stderr)
-        return [(index, cell.crop, cell.box) for index, cell in enumerate(cells, start=1)]
+        config = self.input_config
+        side = None
+        if config is not None and config.view_um and cells:
+            side = physical_side(self.pixel_size_um or field_pixel_size_um(rgb), config.view_um, config.view_zoom)
+        if side is None:
+            return [(index, cell.crop, cell.box) for index, cell in enumerate(cells, start=1)]
+        return [(index, square_about(rgb, (x + w / 2, y + h / 2), side), (x, y, w, h))
+                for index, (x, y, w, h) in enumerate((cell.box for cell in cells), start=1)]
 
 
 class _Refused(Exception):
@@ -245,7 +258,7 @@ def _predict(args: argparse.Namespace) -> int:
         from leuko.cohort import SIMULATED_NOTICE
 
         print(SIMULATED_NOTICE, file=sys.stderr)
-    cells_of = _CellsOf(args.kind, args.device)
+    cells_of = _CellsOf(args.kind, args.device, predictor.input_config, args.pixel_size)
     handle = open(args.csv, "w", newline="") if args.csv else sys.stdout
     read = 0
     try:

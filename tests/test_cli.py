@@ -335,3 +335,18 @@ def test_an_output_folder_holding_the_inputs_and_a_csv_link_to_an_image_are_refu
     original = (crops / "cell.png").read_bytes()
     assert main(["predict", "--task", "all_binary", "--csv", str(link), str(binary_folder / "val")]) == 2
     assert (crops / "cell.png").read_bytes() == original
+
+
+def test_predict_reads_a_field_as_the_analyze_page_does(tmp_path, capsys):
+    from leuko.analysis import AnalysisSettings, Analyzer
+
+    field = tmp_path / "field.png"
+    Image.fromarray(sample_field(cells=3)).save(field)
+    assert main(["predict", "--task", "wbc_type", str(field)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    with Analyzer(AnalysisSettings("wbc_type")) as analyzer:
+        analysed = analyzer.analyze(field, "field.png")
+    assert analysed.estimated_pixel_size_um is not None
+    assert [(int(r["cell"]), r["label"]) for r in rows] == [(c.index, c.prediction.label) for c in analysed.cells]
+    shift = [float(r["shift_score"]) for r in rows]
+    assert shift == pytest.approx([c.prediction.shift_score for c in analysed.cells], abs=1e-3)
